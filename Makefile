@@ -1,0 +1,44 @@
+# digits: `make install` once, then `make train` / `make test`. Extra arguments go in ARGS="...".
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED_DATA ?= ../shared/data
+DATA_DIR ?= data
+
+.PHONY: install data train test test-fast lint format tensorboard clean
+
+install: $(VENV)/bin/python
+	$(PY) -m pip install -q -c constraints.txt -e ".[sweep,dev]"
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# Offline copies of the official files, where this checkout sits beside them; otherwise the
+# first training run downloads them (torchvision, md5-checked).
+data:
+	@if [ -d "$(SHARED_DATA)/MNIST/raw" ]; then \
+		for d in MNIST FashionMNIST; do mkdir -p $(DATA_DIR)/$$d/raw && cp -n $(SHARED_DATA)/$$d/raw/*.gz $(DATA_DIR)/$$d/raw/; done; \
+		chmod -R u+w $(DATA_DIR); echo "copied the MNIST and Fashion-MNIST files into $(DATA_DIR)/"; \
+	else echo "no $(SHARED_DATA): the datasets download on first use"; fi
+
+train:
+	$(PY) train.py $(ARGS)
+
+test:
+	$(PY) -m pytest $(ARGS)
+
+test-fast:
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+tensorboard:
+	$(VENV)/bin/tensorboard --logdir logs
+
+clean:
+	rm -rf logs .pytest_cache .ruff_cache

@@ -1,0 +1,216 @@
+"""MNIST and Fashion-MNIST as LightningDataModules, and the device-resident batch loader.
+
+Both datasets share one base: a seeded split of the 60k official training images into disjoint
+train / validation parts, the official 10k as the test set. Two loaders serve the batches:
+`device` (default) keeps the whole normalised dataset on the training device and slices batches
+out of one seeded permutation per epoch; `torch` is torchvision's per-sample PIL path through a
+DataLoader, kept as the reference.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
+from torchvision.datasets import MNIST, FashionMNIST
+from torchvision.datasets.utils import check_integrity
+
+from digits.errors import DigitsError, require
+
+LOADERS = ("device", "torch")
+
+
+class EpochSampler:
+    """One seeded permutation per epoch, cut into this rank's shard.
+
+    Lightning calls `set_epoch` on a loader's `.sampler` at each epoch start (as for a
+    DistributedSampler), so the order depends only on (seed, epoch) and survives a resume.
+    With `even=True` every rank gets the same count, wrapping around as DistributedSampler does.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, even: bool = True):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.even = rank, world_size, even
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.even:
+            return math.ceil(self.n / self.world_size)
+        return len(range(self.rank, self.n, self.world_size))
+
+    def indices(self) -> torch.Tensor:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        if self.even:
+            total = len(self) * self.world_size
+            order = torch.cat([order, order[: total - self.n]])
+        return order[self.rank :: self.world_size]
+
+
+class DeviceLoader:
+    """Batches sliced out of tensors that already live on the training device: no per-sample Python."""
+
+    batch_sampler = None  # read by Lightning as on a DataLoader; the sampler below is the only one
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler: EpochSampler):
+        self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        order = self.sampler.indices().to(self.images.device, non_blocking=True)
+        for batch in order.split(self.batch_size):
+            yield self.images[batch], self.labels[batch]
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """A torchvision digit-like dataset, split, normalised and served in batches."""
+
+    dataset_cls: type[MNIST]
+    mean: float
+    std: float
+    train_pool = 60_000  # official training images, from which train and val are drawn
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 128,
+        val_size: int | float = 5_000,
+        train_size: int | float | None = None,
+        eval_batch_size: int = 1_000,
+        loader: str = "device",
+        num_workers: int = 0,
+        download: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_count("batch_size", batch_size)
+        _check_count("eval_batch_size", eval_batch_size)
+        require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
+        require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
+        self.data_dir = Path(data_dir)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.loader, self.num_workers, self.download, self.seed = loader, num_workers, download, seed
+        self.n_val = _split_size("val_size", val_size, self.train_pool, upper=self.train_pool - 1)
+        remaining = self.train_pool - self.n_val
+        self.n_train = remaining if train_size is None else _split_size("train_size", train_size, remaining, remaining)
+        self._splits: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.dataset_cls.__name__
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset_cls.classes)
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / self.name / "raw"
+
+    def prepare_data(self) -> None:
+        """Fetch (when missing and allowed) and verify the official files; rank 0 only."""
+        try:
+            for train in (True, False):
+                self.dataset_cls(str(self.data_dir), train=train, download=self.download)
+        except RuntimeError as err:
+            raise DigitsError(self._describe_missing_data(err)) from None
+        for filename, md5 in self.dataset_cls.resources:
+            path = self.raw_dir / filename
+            if path.exists() and not check_integrity(str(path), md5):
+                raise DigitsError(f"{path} fails its md5 check (expected {md5}); delete it and download it again")
+
+    def _describe_missing_data(self, err: RuntimeError) -> str:
+        for filename, md5 in self.dataset_cls.resources:
+            path = self.raw_dir / filename
+            if not path.exists():
+                how = "could not be downloaded" if self.download else "download is off (data.download=false)"
+                return f"{path} is missing and {how}; copy the official file there or run with network access"
+            if not check_integrity(str(path), md5):
+                return f"{path} fails its md5 check (expected {md5}) and no good copy could be downloaded"
+        return f"could not load {self.name} from {self.data_dir}: {str(err).splitlines()[0]}"
+
+    def split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Disjoint (train, val) indices into the official training set, fixed by the seed."""
+        order = torch.randperm(self.train_pool, generator=torch.Generator().manual_seed(self.seed))
+        return order[self.n_val : self.n_val + self.n_train], order[: self.n_val]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        train_idx, val_idx = self.split_indices()
+        if self.loader == "torch":
+            tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((self.mean,), (self.std,))])
+            train_set = self.dataset_cls(str(self.data_dir), train=True, transform=tf)
+            test_set = self.dataset_cls(str(self.data_dir), train=False, transform=tf)
+            self._splits = {"train": Subset(train_set, train_idx), "val": Subset(train_set, val_idx), "test": test_set}
+            return
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        train_x, train_y = self.load_tensors(train=True, device=device)
+        test_x, test_y = self.load_tensors(train=False, device=device)
+        self._splits = {
+            "train": (train_x[train_idx.to(device)], train_y[train_idx.to(device)]),
+            "val": (train_x[val_idx.to(device)], train_y[val_idx.to(device)]),
+            "test": (test_x, test_y),
+        }
+
+    def load_tensors(self, train: bool, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole official split as normalised N×1×28×28 floats and int64 labels on `device`."""
+        ds = self.dataset_cls(str(self.data_dir), train=train)
+        images = ds.data.to(device).unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
+        return images, ds.targets.to(device)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader | DeviceLoader:
+        data = self._splits[split]
+        if self.loader == "torch":
+            return DataLoader(
+                data,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=torch.cuda.is_available(),
+            )
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = EpochSampler(len(data[1]), shuffle, self.seed, rank, world, even=shuffle)
+        return DeviceLoader(*data, batch_size=batch_size, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | DeviceLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | DeviceLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+class MNISTDataModule(DigitsDataModule):
+    dataset_cls = MNIST
+    mean, std = 0.1307, 0.3081
+
+
+class FashionMNISTDataModule(DigitsDataModule):
+    dataset_cls = FashionMNIST
+    mean, std = 0.2860, 0.3530
+
+
+def _check_count(name: str, value: Any) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value, "an integer ≥ 1")
+
+
+def _split_size(name: str, value: int | float, pool: int, upper: int) -> int:
+    """A count, or a fraction of `pool`, between 1 and `upper` images."""
+    count = round(value * pool) if isinstance(value, float) and 0 < value <= 1 else value
+    ok = isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= upper
+    require(ok, name, value, f"a count from 1 to {upper} or a fraction in (0, 1] of {pool} images")
+    return count

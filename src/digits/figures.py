@@ -1,0 +1,57 @@
+"""Matplotlib figures of test results, for TensorBoard and for PNG files."""
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
+
+
+def confusion_matrix(counts: torch.Tensor, class_names: Sequence[str], normalize: bool = False) -> Figure:
+    """Rows are true classes, columns predictions; `normalize` divides each row by its total."""
+    values = counts.double()
+    if normalize:
+        values = values / values.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(values.numpy(), cmap="Blues")
+    fig.colorbar(im, ax=ax)
+    n = len(class_names)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = values.max().item() / 2
+    for i in range(n):
+        for j in range(n):
+            v = values[i, j].item()
+            text = f"{v:.2f}" if normalize else f"{int(v)}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if v > threshold else "black")
+    ax.set_title("confusion matrix" + (" (row-normalised)" if normalize else " (counts)"))
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    preds: torch.Tensor | None,
+    class_names: Sequence[str],
+    columns: int = 8,
+) -> Figure:
+    """Images with their true label (and prediction, when given) above each one."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(images):
+            continue
+        ax.imshow(images[k].squeeze(0).numpy(), cmap="gray")
+        title = class_names[labels[k]]
+        if preds is not None:
+            title = f"true {title}\npred {class_names[preds[k]]}"
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,158 @@
+"""One training run: seed → instantiate → fit → test → metrics.json → the value a sweeper optimises."""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from digits.config import build
+from digits.errors import DigitsError
+from digits.module import Classifier
+
+log = logging.getLogger(__name__)
+
+
+def configure_backends() -> None:
+    """TF32 matmuls and cuDNN autotuning: free speed for fixed-shape batches on CUDA."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
+
+
+def build_module(cfg: DictConfig) -> Classifier:
+    net = build(cfg.model, "model")
+    scheduler = cfg.get("scheduler")
+    return Classifier(
+        net,
+        optimizer=build(cfg.optimizer, "optimizer"),
+        scheduler=build(scheduler.factory, "scheduler.factory") if scheduler else None,
+        scheduler_interval=scheduler.interval if scheduler else "epoch",
+    )
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    return build(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks)
+
+
+def hyperparameters(cfg: DictConfig, num_parameters: int) -> dict[str, Any]:
+    """What the TensorBoard HParams tab compares runs by: choices, then every model/optimizer key."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    params: dict[str, Any] = {
+        g: choices.get(g) or "" for g in ("experiment", "data", "model", "optimizer", "scheduler")
+    }
+    params |= {"seed": cfg.seed, "params": num_parameters, "max_epochs": cfg.trainer.max_epochs}
+    params |= {f"data.{k}": cfg.data[k] for k in ("batch_size", "val_size", "train_size", "loader")}
+    for group in ("model", "optimizer"):
+        params |= {f"{group}.{k}": v for k, v in cfg[group].items() if not k.startswith("_")}
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test the configured model; returns the metrics also written to `metrics.json`."""
+    L.seed_everything(cfg.seed, workers=True)
+    configure_backends()
+    datamodule = build(cfg.data, "data")
+    module = build_module(cfg)
+    trainer = build_trainer(cfg)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_seconds = time.perf_counter() - start
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    metrics = {
+        "test_acc": tested["test/acc"],
+        "test_error_pct": 100 * (1 - tested["test/acc"]),
+        "test_loss": tested["test/loss"],
+        "test_mse": tested["test/mse"],
+        "best_val_acc": float(module.val_acc_best.compute()),
+        "params": module.num_parameters,
+        "epochs": trainer.current_epoch,
+        "train_seconds": train_seconds,
+        "device": device_name(trainer.strategy.root_device),
+        "precision": str(trainer.precision),
+        "data": datamodule.name,
+        "model": type(module.net).__name__,
+        "best_checkpoint": best,
+    }
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(
+                hyperparameters(cfg, module.num_parameters), {f"hp/{k}": metrics[k] for k in HP_METRICS}
+            )
+            logger.save()
+        write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+        log.info(summary(metrics, cfg.paths.output_dir))
+    return metrics
+
+
+HP_METRICS = ("best_val_acc", "test_acc", "test_loss", "test_mse")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write via a temporary file, so a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summary(m: dict[str, Any], run_dir: str) -> str:
+    return "\n".join(
+        [
+            f"{m['data']} · {m['model']} ({m['params']:,} params) · {m['epochs']} epochs",
+            f"  device         {m['device']}, {m['precision']}",
+            f"  test accuracy  {100 * m['test_acc']:.2f} %   (error {m['test_error_pct']:.2f} %)",
+            f"  test loss      {m['test_loss']:.4f}   MSE {m['test_mse']:.5f}",
+            f"  best val acc   {100 * m['best_val_acc']:.2f} %",
+            f"  train time     {m['train_seconds']:.1f} s",
+            f"  run dir        {run_dir}",
+        ]
+    )
+
+
+def run(cfg: DictConfig) -> float:
+    """The Hydra task: train, and return best val accuracy for a sweeper to maximise.
+
+    A user mistake in a single run ends with one line on stderr and no run dir left behind;
+    in a multirun it is raised, so the sweeper records the job as failed.
+    """
+    try:
+        return train(cfg)["best_val_acc"]
+    except DigitsError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        discard_unfinished_run(Path(cfg.paths.output_dir), Path(cfg.paths.log_dir))
+        sys.exit(f"error: {err}")
+
+
+def discard_unfinished_run(run_dir: Path, log_root: Path) -> None:
+    """Remove a run dir that holds nothing of value (no checkpoint, no metrics), and empty parents."""
+    if run_dir.resolve() == log_root.resolve() or log_root.resolve() not in run_dir.resolve().parents:
+        return
+    if (run_dir / "metrics.json").exists() or any((run_dir / "checkpoints").glob("*.ckpt")):
+        return
+    logging.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:
+        if parent.resolve() == log_root.resolve() or any(parent.iterdir()):
+            break
+        parent.rmdir()

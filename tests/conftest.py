@@ -1,0 +1,56 @@
+"""Shared fixtures: the real MNIST / Fashion-MNIST files, composed configs, and subprocess runs of train.py."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from digits.config import CONF_DIR, ROOT
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DATASETS = ("MNIST", "FashionMNIST")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The project's data dir, holding the official .gz files (copied from ../shared/data when missing)."""
+    target = Path(os.environ.get("DIGITS_DATA_DIR", ROOT / "data"))
+    for name in DATASETS:
+        raw = target / name / "raw"
+        if not any(raw.glob("*.gz")):
+            if not (SHARED_DATA / name / "raw").is_dir():
+                pytest.fail(f"no {name} files in {raw} and no {SHARED_DATA} to copy them from")
+            shutil.copytree(SHARED_DATA / name / "raw", raw, dirs_exist_ok=True)
+            for f in raw.iterdir():
+                f.chmod(0o644)
+    return target
+
+
+@pytest.fixture
+def make_cfg(data_dir: Path, tmp_path: Path):
+    """Compose conf/train.yaml with overrides, pointed at the test data and a temporary log root."""
+
+    def _make(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            base = [f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}"]
+            cfg = compose("train", overrides=[*base, *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+def run_train(*overrides: str, log_dir: Path, data_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py ...` in a subprocess from a foreign working directory, as a user would."""
+    cmd = [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", f"paths.data_dir={data_dir}", *overrides]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=log_dir.parent, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from digits.data import DeviceLoader, EpochSampler, FashionMNISTDataModule, MNISTDataModule
+from digits.errors import DigitsError
+
+MODULES = [MNISTDataModule, FashionMNISTDataModule]
+
+
+@pytest.fixture(params=MODULES, ids=["mnist", "fashion"])
+def datamodule(request, data_dir):
+    dm = request.param(data_dir=data_dir, val_size=5_000, train_size=0.5, seed=3)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_splits_have_the_asked_sizes_and_are_disjoint(datamodule):
+    train, val = datamodule.split_indices()
+    assert (len(train), len(val)) == (27_500, 5_000)
+    assert len(set(train.tolist()) | set(val.tolist())) == 32_500
+    assert len(datamodule.test_dataloader().sampler) == 10_000
+
+
+def test_split_is_fixed_by_the_seed(data_dir):
+    a, b, c = (MNISTDataModule(data_dir=data_dir, seed=s).split_indices()[1] for s in (1, 1, 2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_images_are_normalised_per_dataset(datamodule):
+    images, labels = datamodule.load_tensors(train=True)
+    assert images.shape == (60_000, 1, 28, 28)
+    assert abs(images.mean().item()) < 0.01
+    assert abs(images.std().item() - 1) < 0.01
+    assert labels.unique().tolist() == list(range(10))
+    assert len(datamodule.class_names) == 10
+
+
+def test_class_names_differ_between_datasets(data_dir):
+    assert MNISTDataModule(data_dir=data_dir).class_names[0].startswith("0")
+    assert FashionMNISTDataModule(data_dir=data_dir).class_names[0] == "T-shirt/top"
+
+
+def test_device_and_torch_loaders_serve_the_same_images(data_dir):
+    device_dm, torch_dm = (
+        MNISTDataModule(data_dir=data_dir, loader=lo, eval_batch_size=256) for lo in ("device", "torch")
+    )
+    for dm in (device_dm, torch_dm):
+        dm.setup()
+    (xd, yd), (xt, yt) = next(iter(device_dm.val_dataloader())), next(iter(torch_dm.val_dataloader()))
+    assert torch.equal(yd, yt)
+    torch.testing.assert_close(xd, xt, atol=1e-5, rtol=0)
+
+
+def test_epoch_sampler_covers_every_index_once_in_a_seeded_order():
+    sampler = EpochSampler(1000, shuffle=True, seed=7)
+    first = sampler.indices()
+    assert sorted(first.tolist()) == list(range(1000))
+    assert torch.equal(first, EpochSampler(1000, shuffle=True, seed=7).indices())
+    sampler.set_epoch(1)
+    assert not torch.equal(first, sampler.indices())
+
+
+def test_epoch_sampler_shards_are_disjoint_even_and_cover_the_set():
+    shards = [EpochSampler(1001, shuffle=True, seed=0, rank=r, world_size=4).indices() for r in range(4)]
+    assert {len(s) for s in shards} == {251}
+    assert set(torch.cat(shards).tolist()) == set(range(1001))
+    unpadded = [EpochSampler(1001, shuffle=False, seed=0, rank=r, world_size=4, even=False).indices() for r in range(4)]
+    assert sorted(torch.cat(unpadded).tolist()) == list(range(1001))
+
+
+def test_device_loader_batches():
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    loader = DeviceLoader(x, y, batch_size=4, sampler=EpochSampler(10, shuffle=False, seed=0))
+    assert len(loader) == 3
+    assert [b[1].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"val_size": 70_000}, "val_size=70000"),
+        ({"val_size": 0}, "val_size=0"),
+        ({"train_size": 60_000}, "train_size=60000"),
+        ({"loader": "ffcv"}, "loader='ffcv'"),
+    ],
+)
+def test_bad_datamodule_arguments(kwargs, message):
+    with pytest.raises(DigitsError, match=message):
+        MNISTDataModule(**kwargs)
+
+
+def test_corrupt_archive_is_reported_by_name(data_dir, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (data_dir / "MNIST" / "raw").glob("*.gz"):
+        (raw / f.name).write_bytes(f.read_bytes())
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not a gzip file")
+    with pytest.raises(DigitsError, match=r"t10k-labels-idx1-ubyte.gz fails its md5 check"):
+        MNISTDataModule(data_dir=tmp_path, download=False).prepare_data()
+
+
+def test_missing_file_without_download_is_reported_by_name(tmp_path):
+    with pytest.raises(DigitsError, match=r"train-images-idx3-ubyte.gz is missing"):
+        FashionMNISTDataModule(data_dir=tmp_path, download=False).prepare_data()

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from digits.errors import DigitsError
+from digits.models import MLP, ConvNet, count_parameters
+
+# Trainable parameters from ../shared/spec/labs.md; lab_cnn, bn_cnn and elu_cnn derived by hand:
+# lab  = (30·25+30) + (15·30·9+15) + (375·128+128) + (128·50+50) + (50·10+10)             =  59,933
+# bn   = 640+128 + 36,928+128 + 36,928+128 + (1600·512+512)+1,024 + 5,130                 = 900,746
+# elu  = 320 + 9,248 + 18,496 + 36,928 + (1024·256+256) + 2,570                            = 329,962
+SEED_ARCHITECTURES = {
+    "mlp_8": 6_370,
+    "mlp_300": 238_510,
+    "mlp_500_300": 545_810,
+    "mlp_64_64": 55_050,
+    "mlp_512_256": 535_818,
+    "lenet5": 44_426,
+    "keras_cnn": 1_199_882,
+    "lab_cnn": 59_933,
+    "bn_cnn": 900_746,
+    "elu_cnn": 329_962,
+}
+
+
+@pytest.mark.parametrize(("experiment", "params"), SEED_ARCHITECTURES.items())
+def test_seed_architecture_parameter_counts(make_cfg, experiment, params):
+    net = instantiate(make_cfg(f"experiment={experiment}").model)
+    assert count_parameters(net) == params
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "cnn_bn"])
+def test_forward_shape(make_cfg, model):
+    net = instantiate(make_cfg(f"model={model}").model).eval()
+    assert net(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "elu", "leaky_relu"])
+def test_every_activation_builds(activation):
+    assert MLP(hidden_size=[16, 8], activation=activation)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_kernel_size_is_checked_against_the_image_size():
+    assert ConvNet(kernel_size=9)(torch.randn(1, 1, 28, 28)).shape == (1, 10)  # largest that fits LeNet
+    with pytest.raises(DigitsError, match=r"kernel_size=10 is too large; expected 1 to 9"):
+        ConvNet(kernel_size=10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"hidden_size": -1}, "hidden_size=-1"),
+        ({"hidden_size": [64, 0]}, r"hidden_size=\[64, 0\]"),
+        ({"activation": "swish"}, "activation='swish'"),
+        ({"dropout": 1.5}, "dropout=1.5"),
+    ],
+)
+def test_bad_mlp_arguments(kwargs, message):
+    with pytest.raises(DigitsError, match=message):
+        MLP(**kwargs)

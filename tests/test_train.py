@@ -1,0 +1,122 @@
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from digits.train import train
+
+
+@pytest.mark.parametrize("data", ["mnist", "fashion"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "cnn_bn"])
+def test_fast_dev_run_every_model_and_dataset(make_cfg, model, data):
+    metrics = train(make_cfg(f"model={model}", f"data={data}", "debug=fast"))
+    assert 0 <= metrics["test_acc"] <= 1
+    assert metrics["data"] == {"mnist": "MNIST", "fashion": "FashionMNIST"}[data]
+
+
+def test_torch_dataloader_path_trains(make_cfg):
+    metrics = train(make_cfg("data.loader=torch", "debug=fast", "data.batch_size=32"))
+    assert metrics["params"] == 44_426
+
+
+def read_events(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
+    log_dir = tmp_path / "logs"
+    done = run_train(
+        "model=cnn", "data=fashion", "debug=quick", "trainer.max_epochs=2", log_dir=log_dir, data_dir=data_dir
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (metrics_file,) = log_dir.glob("runs/*/*/metrics.json")
+    run_dir = metrics_file.parent
+    assert run_dir.parent.name.startswith("fashion_cnn_h120-84_k5_bs128_adam0.001")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["params"] == 44_426 and metrics["epochs"] == 2 and metrics["data"] == "FashionMNIST"
+    assert metrics["test_acc"] > 0.5, metrics
+    assert metrics["test_error_pct"] == pytest.approx(100 * (1 - metrics["test_acc"]))
+    assert {"device", "precision", "train_seconds", "test_loss", "best_val_acc"} <= metrics.keys()
+    checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert {"last.ckpt", Path(metrics["best_checkpoint"]).name} == checkpoints
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert "test accuracy" in done.stdout + done.stderr
+
+    events = read_events(run_dir)
+    scalars = events.Tags()["scalars"]
+    assert {"val/acc", "val/loss", "val/acc_best", "train/loss", "train/acc", "test/acc", "test/mse"} <= set(scalars)
+    assert len(events.Scalars("val/acc")) == 2
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test_acc"], abs=1e-6)
+    assert {"test/confusion_matrix", "test/misclassified"} <= set(events.Tags()["images"])
+
+    hparams = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {
+        "hp/best_val_acc",
+        "hp/test_acc",
+        "hp/test_loss",
+        "hp/test_mse",
+    }
+    session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["model"].string_value == "cnn"
+    assert session.hparams["data.batch_size"].number_value == 128
+
+
+@pytest.mark.slow
+def test_mlp_reaches_an_accuracy_floor_on_a_fixed_seed(make_cfg):
+    cfg = make_cfg("model=mlp", "data.train_size=5000", "data.val_size=1000", "trainer.max_epochs=2", "seed=0")
+    metrics = train(cfg)
+    assert metrics["test_acc"] > 0.90, metrics
+
+
+def test_help_lists_the_config_groups(tmp_path, data_dir):
+    done = run_train("--help", log_dir=tmp_path, data_dir=data_dir)
+    assert done.returncode == 0
+    for group in ("data: fashion, mnist", "model: cnn, cnn_bn, mlp", "optimizer: adadelta, adagrad, adam"):
+        assert group in done.stdout
+
+
+BAD_INPUTS = {
+    "model=foo": "error: model='foo' is not allowed; expected one of ['cnn', 'cnn_bn', 'mlp']",
+    "data.batch_size=0": "data.batch_size=0 is not allowed; expected an integer ≥ 1",
+    "model.hidden_size=-1": "model.hidden_size=-1 is not allowed; expected a positive integer",
+    "model.kernel_size=31": "model.kernel_size=31 is too large; expected 1 to 9",
+    "data.val_size=70000": "data.val_size=70000 is not allowed; expected a count from 1 to 59999",
+    "optimizer=lbfgs": "error: optimizer='lbfgs' is not allowed; expected one of ['adadelta',",
+    "data=cifar,mnist": "error: data='cifar' is not allowed; expected one of ['fashion', 'mnist']",
+}
+
+
+@pytest.mark.parametrize("override", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(tmp_path, data_dir, override):
+    log_dir = tmp_path / "logs"
+    done = run_train(override, log_dir=log_dir, data_dir=data_dir)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert BAD_INPUTS[override] in done.stderr
+    assert not list(log_dir.glob("runs/*")), "a failed run left its directory behind"
+
+
+@pytest.mark.parametrize("broken", ["corrupt", "missing"])
+def test_broken_data_is_one_clear_line(tmp_path, data_dir, broken):
+    bad_data = tmp_path / "data"
+    raw = bad_data / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (data_dir / "MNIST" / "raw").glob("*.gz"):
+        (raw / f.name).write_bytes(f.read_bytes())
+    target = raw / "train-labels-idx1-ubyte.gz"
+    if broken == "corrupt":
+        target.write_bytes(target.read_bytes()[:-10])
+    else:
+        target.unlink()
+    done = run_train("debug=fast", log_dir=tmp_path / "logs", data_dir=bad_data)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "train-labels-idx1-ubyte.gz" in last, done.stderr[-2000:]
+    assert not list((tmp_path / "logs").glob("runs/*"))
