@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SHARED_DATA ?= ../shared/data
 DATA_DIR ?= data
 
-.PHONY: install data train test test-fast lint format tensorboard clean
+.PHONY: install data train test test-fast lint format tensorboard dashboard clean
 
 install: $(VENV)/bin/python
 	$(PY) -m pip install -q -c constraints.txt -e ".[sweep,dev]"
@@ -39,6 +39,12 @@ format:
 
 tensorboard:
 	$(VENV)/bin/tensorboard --logdir logs
+
+# the Optuna dashboard on a sweep's study: make dashboard STUDY=cnn_optuna_mnist (or STORAGE=<url or journal file>)
+STUDY ?= cnn_optuna_mnist
+STORAGE ?= sqlite:///logs/sweeps/$(STUDY)/optuna.db
+dashboard:
+	$(VENV)/bin/optuna-dashboard $(patsubst journal:%,%,$(STORAGE))
 
 clean:
 	rm -rf logs .pytest_cache .ruff_cache

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from digits.config import build
 from digits.errors import DigitsError
 from digits.module import Classifier
+from digits.trials import pruning_callback
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def build_module(cfg: DictConfig) -> Classifier:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    if pruner := pruning_callback(cfg.get("optuna")):
+        callbacks.append(pruner)
     return build(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks)
 
 
@@ -53,6 +56,8 @@ def hyperparameters(cfg: DictConfig, num_parameters: int) -> dict[str, Any]:
         g: choices.get(g) or "" for g in ("experiment", "data", "model", "optimizer", "scheduler")
     }
     params |= {"seed": cfg.seed, "params": num_parameters, "max_epochs": cfg.trainer.max_epochs}
+    if cfg.get("optuna") and cfg.optuna.trial is not None:
+        params |= {"optuna.study": cfg.optuna.study_name, "optuna.trial": cfg.optuna.trial}
     params |= {f"data.{k}": cfg.data[k] for k in ("batch_size", "val_size", "train_size", "loader")}
     for group in ("model", "optimizer"):
         params |= {f"{group}.{k}": v for k, v in cfg[group].items() if not k.startswith("_")}

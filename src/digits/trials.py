@@ -1,0 +1,40 @@
+"""The job's side of an Optuna sweep: open the study's storage, report epochs to the trial for pruning."""
+
+from pathlib import Path
+
+import optuna
+from hydra.utils import instantiate
+from lightning.pytorch import Callback
+from omegaconf import DictConfig
+
+JOURNAL_PREFIX = "journal:"
+NOP = "optuna.pruners.NopPruner"
+PRUNER_ATTR = "pruner"  # a study's user attr: the config of the pruner its sweeps chose
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.storages.BaseStorage:
+    """An SQLAlchemy URL gives an RDB storage; `journal:<path>` an append-only journal file."""
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url.removeprefix(JOURNAL_PREFIX)).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    sqlite = url.startswith("sqlite:///")
+    if sqlite:
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # SQLite: wait for a writer from another process instead of failing at once
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
+
+
+def pruning_callback(trial_cfg: DictConfig | None, monitor: str = "val/acc") -> Callback | None:
+    """The sweeper passes `optuna.{storage,study_name,trial}`; the job reports `monitor` every epoch."""
+    if not trial_cfg or trial_cfg.get("trial") is None or not trial_cfg.get("storage"):
+        return None
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    storage = open_storage(trial_cfg.storage)
+    study_id = storage.get_study_id_from_name(trial_cfg.study_name)
+    pruner = instantiate(storage.get_study_user_attrs(study_id).get(PRUNER_ATTR) or {"_target_": NOP})
+    study = optuna.load_study(study_name=trial_cfg.study_name, storage=storage, pruner=pruner)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial_cfg.trial)
+    return PyTorchLightningPruningCallback(optuna.trial.Trial(study, trial_id), monitor=monitor)

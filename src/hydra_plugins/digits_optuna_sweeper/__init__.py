@@ -1,0 +1,1 @@
+"""A Hydra Sweeper on Optuna ≥ 4 (ask/tell), configured like the upstream hydra-optuna-sweeper."""

@@ -1,0 +1,285 @@
+"""Optuna sweeps end to end: real Hydra multiruns in subprocesses, real storages, tiny data subsets."""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from digits.config import ROOT
+
+TINY = ["model=mlp", "data.train_size=256", "data.val_size=256", "trainer.max_epochs=1"]
+
+
+def sweep_cmd(log_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
+    base = ["-m", "hparams_search=mlp_optuna", f"paths.log_dir={log_dir}", f"paths.data_dir={data_dir}", *TINY]
+    quiet = [] if any(o.startswith("logger=") for o in overrides) else ["logger=none"]
+    return [sys.executable, str(ROOT / "train.py"), *base, *quiet, *overrides]
+
+
+def run_sweep(log_dir: Path, data_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = sweep_cmd(log_dir, data_dir, *overrides)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=log_dir.parent)
+
+
+def load_study(log_dir: Path, name: str = "mlp_optuna_mnist", storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{log_dir}/sweeps/{name}/optuna.db")
+
+
+def states(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials():
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def results(log_dir: Path, name: str = "mlp_optuna_mnist") -> dict:
+    return yaml.safe_load((log_dir / "sweeps" / name / "optimization_results.yaml").read_text())
+
+
+def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
+    log_dir = tmp_path / "logs"
+    done = run_sweep(log_dir, data_dir, "hydra.sweeper.n_trials=4", "logger=tensorboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load_study(log_dir)
+    assert states(study) == {"COMPLETE": 4}
+    for trial in study.trials:
+        (run_dir,) = (log_dir / "sweeps" / "mlp_optuna_mnist").glob(f"trial{trial.number}_*")
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        assert cfg.model.hidden_size == trial.params["model.hidden_size"]
+        assert cfg.data.batch_size == trial.params["data.batch_size"]
+        assert cfg.optimizer.weight_decay == pytest.approx(trial.params["optimizer.weight_decay"])
+        assert cfg.trainer.max_epochs == 1 and cfg.optuna.trial == trial.number
+        assert trial.value == pytest.approx(yaml.safe_load((run_dir / "metrics.json").read_text())["best_val_acc"])
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+        assert hparams["optuna.trial"].number_value == trial.number
+    summary = results(log_dir)
+    assert (summary["complete"], summary["pruned"], summary["failed"]) == (4, 0, 0)
+    assert summary["best_value"] == pytest.approx(study.best_value)
+    assert summary["best_overrides"].startswith("model=mlp ")
+    assert f"model.hidden_size={study.best_params['model.hidden_size']}" in summary["best_overrides"]
+
+
+def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, data_dir):
+    log_dir = tmp_path / "logs"
+    cmd = sweep_cmd(log_dir, data_dir, "hydra.sweeper.n_trials=5", "trainer.max_epochs=2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        db = log_dir / "sweeps" / "mlp_optuna_mnist" / "optuna.db"
+        try:
+            if db.exists() and states(load_study(log_dir)).get("COMPLETE", 0) >= 2:
+                break
+        except KeyError:  # the sweep has not created its study yet
+            pass
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = states(load_study(log_dir))
+    assert 2 <= before.get("COMPLETE", 0) < 5, before
+
+    done = run_sweep(log_dir, data_dir, "hydra.sweeper.n_trials=5", "trainer.max_epochs=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = load_study(log_dir)
+    assert states(after).get("COMPLETE") == 5
+    # a trial the kill interrupted is failed without a reason and not counted; nothing else is
+    assert all(t.state == TrialState.COMPLETE or "fail_reason" not in t.user_attrs for t in after.trials)
+    assert results(log_dir)["complete"] == 5
+
+
+def concurrent_sweeps(log_dir: Path, data_dir: Path, *overrides: str) -> list[subprocess.CompletedProcess]:
+    cmd = sweep_cmd(log_dir, data_dir, "hydra.sweeper.n_trials=4", *overrides)
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    return [subprocess.CompletedProcess(cmd, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
+
+
+def assert_shared_study_ran_exactly(study: optuna.Study, n: int) -> None:
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n
+    assert len({t.number for t in complete}) == n
+    # every other trial is a surplus ask that never ran: failed without a reason
+    assert all("fail_reason" not in t.user_attrs for t in study.trials if t.state != TrialState.COMPLETE)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_sweep_processes_share_one_study(tmp_path, data_dir, kind):
+    log_dir = tmp_path / "logs"
+    storage = {"sqlite": f"sqlite:///{tmp_path}/shared.db", "journal": f"journal:{tmp_path}/shared.log"}[kind]
+    for done in concurrent_sweeps(log_dir, data_dir, f"hydra.sweeper.storage='{storage}'"):
+        assert done.returncode == 0, done.stderr[-3000:]
+    optuna_storage = (
+        storage
+        if kind == "sqlite"
+        else optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(storage.removeprefix("journal:"))
+        )
+    )
+    assert_shared_study_ran_exactly(load_study(log_dir, storage=optuna_storage), 4)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throw-away PostgreSQL server from Debian's packages, on a loopback port."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    bindir = Path(bins[-1]).parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="digits-pg-"))
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run(
+        [*as_postgres, bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust"], check=True, capture_output=True
+    )
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_postgres, bindir / "pg_ctl", "-D", data, "-o", options, "-l", root / "log", "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_postgres, bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_sweep_processes_on_postgresql(tmp_path, data_dir, postgres_url):
+    log_dir = tmp_path / "logs"
+    for done in concurrent_sweeps(log_dir, data_dir, f"hydra.sweeper.storage='{postgres_url}'"):
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_shared_study_ran_exactly(load_study(log_dir, storage=postgres_url), 4)
+
+
+def test_pruner_stops_hopeless_trials(tmp_path, data_dir):
+    log_dir = tmp_path / "logs"
+    done = run_sweep(
+        log_dir,
+        data_dir,
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_epochs=5",
+        "hydra/sweeper/pruner=threshold",
+        "hydra.sweeper.pruner.lower=0.999",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load_study(log_dir)
+    assert states(study) == {"PRUNED": 2}
+    assert all(list(t.intermediate_values) == [0] for t in study.trials)  # stopped after its first epoch
+    assert results(log_dir)["pruned"] == 2
+
+
+def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
+    log_dir = tmp_path / "logs"
+    done = run_sweep(
+        log_dir,
+        data_dir,
+        "hydra.sweeper.params=null",
+        "hydra/sweeper/sampler=grid",
+        "optimizer=sgd",
+        "model.hidden_size=choice(-1,16)",
+        "optimizer.lr=choice(0.01,1e30)",
+        "hydra.sweeper.n_trials=4",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load_study(log_dir)
+    assert states(study) == {"COMPLETE": 1, "FAIL": 3}
+    reasons = sorted(t.user_attrs["fail_reason"] for t in study.trials if t.state == TrialState.FAIL)
+    assert sum("model.hidden_size=-1" in r for r in reasons) == 2
+    assert sum("diverged" in r for r in reasons) == 1
+    assert results(log_dir)["failed"] == 3
+    assert "3 failed of 4" in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_sweep_through_other_launchers(tmp_path, data_dir, launcher):
+    log_dir = tmp_path / "logs"
+    extra = {"joblib": ["hydra.launcher.n_jobs=2"], "submitit_local": ["hydra.launcher.timeout_min=10"]}[launcher]
+    done = run_sweep(
+        log_dir, data_dir, f"hydra/launcher={launcher}", *extra, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert states(load_study(log_dir)) == {"COMPLETE": 2}
+
+
+BAD_SWEEPS = {
+    "model.depth=choice(1,2)": "unknown parameter path in the search space: 'model.depth'",
+    "optimizer.weight_decay=tag(log,interval(1e-3,1e-6))": "interval(0.001, 1e-06) is empty or inverted",
+    "hydra.sweeper.n_trials=0": "hydra.sweeper.n_trials=0 is not allowed; expected an integer ≥ 1",
+    "hydra.sweeper.storage='postgresql+psycopg://u:secret@127.0.0.1:9/db'": "cannot be opened",
+}
+
+
+@pytest.mark.parametrize("override", BAD_SWEEPS)
+def test_bad_sweep_settings_fail_before_any_trial(tmp_path, data_dir, override):
+    log_dir = tmp_path / "logs"
+    done = run_sweep(log_dir, data_dir, override)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert BAD_SWEEPS[override] in done.stderr
+    assert "secret" not in done.stderr
+    assert not list(log_dir.glob("sweeps/*/trial*"))
+
+
+def test_study_of_the_other_direction_is_refused(tmp_path, data_dir):
+    log_dir = tmp_path / "logs"
+    storage = f"sqlite:///{tmp_path}/study.db"
+    optuna.create_study(study_name="mlp_optuna_mnist", storage=storage, direction="minimize")
+    done = run_sweep(log_dir, data_dir, f"hydra.sweeper.storage='{storage}'")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "was created to minimize, this sweep asks to maximize" in done.stderr
+
+
+def test_grid_multirun_with_the_basic_sweeper(tmp_path, data_dir):
+    """The labs' L2 study with replicates, shrunk: 2 decays × 2 seeds."""
+    log_dir = tmp_path / "logs"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        f"paths.log_dir={log_dir}",
+        f"paths.data_dir={data_dir}",
+        *TINY,
+        "optimizer.weight_decay=1e-6,1e-3",
+        "seed=0,1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list(log_dir.glob("multiruns/*/*/metrics.json"))
+    assert len(runs) == 4
+
+
+def test_slurm_gpu_preset_composes_with_overridable_keys():
+    from hydra import compose, initialize_config_dir
+
+    from digits.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        overrides = [
+            "hparams_search=cnn_optuna",
+            "hydra/launcher=slurm_gpu",
+            "hydra.launcher.partition=a100",
+            "hydra.launcher.timeout_min=240",
+        ]
+        launcher = compose("train", overrides=overrides, return_hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_task) == ("a100", 240, 1)
