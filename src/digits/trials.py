@@ -1,8 +1,11 @@
 """The job's side of an Optuna sweep: open the study's storage, report epochs to the trial for pruning."""
 
+import random
+import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from hydra.utils import instantiate
 from lightning.pytorch import Callback
 from omegaconf import DictConfig
@@ -23,7 +26,17 @@ def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # SQLite: wait for a writer from another process instead of failing at once
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
+    retries = 4
+    while True:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            # two processes creating a new storage's tables at once: the loser retries against the winner's
+            racing = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)
+            if not racing or retries == 0:
+                raise
+            retries -= 1
+            time.sleep(0.2 + random.random())
 
 
 def pruning_callback(trial_cfg: DictConfig | None, monitor: str = "val/acc") -> Callback | None:
