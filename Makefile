@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SHARED_DATA ?= ../shared/data
 DATA_DIR ?= data
 
-.PHONY: install data train test test-fast lint format tensorboard dashboard clean
+.PHONY: install data train test test-fast lint format tensorboard dashboard bench clean
 
 install: $(VENV)/bin/python
 	$(PY) -m pip install -q -c constraints.txt -e ".[sweep,dev]"
@@ -36,6 +36,9 @@ lint:
 format:
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+bench:
+	$(PY) scripts/benchmark.py $(ARGS)
 
 tensorboard:
 	$(VENV)/bin/tensorboard --logdir logs

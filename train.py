@@ -1,12 +1,9 @@
 """Train a model: `python train.py model=cnn data=fashion` (see README, `python train.py --help`)."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from digits.config import check_choices
-from digits.errors import DigitsError
+from digits.cli import run_cli
 from digits.train import run
 
 
@@ -16,8 +13,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    try:
-        check_choices(sys.argv[1:])
-    except DigitsError as err:
-        sys.exit(f"error: {err}")
-    main()
+    run_cli(main)

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,4 +54,4 @@ def run_train(*overrides: str, log_dir: Path, data_dir: Path, timeout: int = 600
     """`python train.py ...` in a subprocess from a foreign working directory, as a user would."""
     cmd = [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", f"paths.data_dir={data_dir}", *overrides]
     env = {**os.environ, "HYDRA_FULL_ERROR": "", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, cwd=log_dir.parent, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=timeout, env=env)

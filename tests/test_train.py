@@ -2,10 +2,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from conftest import run_train
 from digits.train import train
 
 

@@ -1,6 +1,7 @@
 """Glue between `conf/` and the package: resolvers the configs use, and building objects from nodes."""
 
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,28 @@ def run_name(*, _root_: DictConfig) -> str:
     return "_".join(p for p in parts if p).replace("/", "-")
 
 
+_run_dirs: dict[tuple[str, bool], str] = {}  # Hydra and Lightning's DDP launcher ask several times: one answer
+
+
+def run_dir(*, _root_: DictConfig) -> str:
+    """A new timestamped dir; with `ckpt_path=last`, the newest unfinished run of the same name, to go on in."""
+    runs = Path(_root_.paths.log_dir) / "runs" / run_name(_root_=_root_)
+    resume = _root_.get("ckpt_path") == "last"
+    if (str(runs), resume) not in _run_dirs:
+        unfinished = [d for d in runs.glob("*") if (d / "checkpoints").is_dir() and not (d / "metrics.json").exists()]
+        chosen = max(unfinished, key=lambda d: d.name) if resume and unfinished else None
+        _run_dirs[str(runs), resume] = str(chosen or runs / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    return _run_dirs[str(runs), resume]
+
+
 def register_resolvers() -> None:
-    for name, fn in {
+    resolvers = {
         "digits.root": lambda: str(ROOT),
         "digits.precision": auto_precision,
         "digits.run_name": run_name,
-    }.items():
+        "digits.run_dir": run_dir,
+    }
+    for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
 
 

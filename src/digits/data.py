@@ -55,21 +55,58 @@ class EpochSampler:
         return order[self.rank :: self.world_size]
 
 
+def random_translate(images: torch.Tensor, shift: int, fill: float, generator: torch.Generator) -> torch.Tensor:
+    """Move each image by its own random (dx, dy) in [-shift, shift]², filling with the background value."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (shift,) * 4, value=fill)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), device=images.device, generator=generator)
+    rows = (torch.arange(h, device=images.device) + dy)[:, :, None]
+    cols = (torch.arange(w, device=images.device) + dx)[:, None, :]
+    return padded[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
 class DeviceLoader:
-    """Batches sliced out of tensors that already live on the training device: no per-sample Python."""
+    """Batches sliced out of tensors that already live on the training device: no per-sample Python.
+
+    Stateful for Lightning: a checkpoint taken mid-epoch (at a batch end, where every batch handed
+    out has been trained on) resumes at the next batch of the same permutation.
+    """
 
     batch_sampler = None  # read by Lightning as on a DataLoader; the sampler below is the only one
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler: EpochSampler):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        sampler: EpochSampler,
+        translate: int = 0,
+        fill: float = 0.0,
+    ):
         self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
+        self.translate, self.fill = translate, fill
+        self.served, self.resume_at = 0, 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
         order = self.sampler.indices().to(self.images.device, non_blocking=True)
-        for batch in order.split(self.batch_size):
-            yield self.images[batch], self.labels[batch]
+        generator = torch.Generator(self.images.device).manual_seed(self.sampler.seed + self.sampler.epoch)
+        start, self.resume_at = self.resume_at, 0
+        for served, batch in enumerate(order.split(self.batch_size)[start:], start=start + 1):
+            self.served = served
+            images = self.images[batch]
+            if self.translate:
+                images = random_translate(images, self.translate, self.fill, generator)
+            yield images, self.labels[batch]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_trained": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.resume_at = state["batches_trained"] if state["batches_trained"] < len(self) else 0
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -88,6 +125,7 @@ class DigitsDataModule(L.LightningDataModule):
         train_size: int | float | None = None,
         eval_batch_size: int = 1_000,
         loader: str = "device",
+        translate: int = 0,
         num_workers: int = 0,
         download: bool = True,
         seed: int = 0,
@@ -96,10 +134,13 @@ class DigitsDataModule(L.LightningDataModule):
         _check_count("batch_size", batch_size)
         _check_count("eval_batch_size", eval_batch_size)
         require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
+        ok_shift = isinstance(translate, int) and 0 <= translate <= 8
+        require(ok_shift, "translate", translate, "a shift in pixels from 0 (off) to 8")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.loader, self.num_workers, self.download, self.seed = loader, num_workers, download, seed
+        self.translate = translate
         self.n_val = _split_size("val_size", val_size, self.train_pool, upper=self.train_pool - 1)
         remaining = self.train_pool - self.n_val
         self.n_train = remaining if train_size is None else _split_size("train_size", train_size, remaining, remaining)
@@ -150,9 +191,12 @@ class DigitsDataModule(L.LightningDataModule):
         train_idx, val_idx = self.split_indices()
         if self.loader == "torch":
             tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((self.mean,), (self.std,))])
-            train_set = self.dataset_cls(str(self.data_dir), train=True, transform=tf)
+            shift = self.translate / 28
+            train_tf = transforms.Compose([transforms.RandomAffine(0, translate=(shift, shift)), tf]) if shift else tf
+            train_set = self.dataset_cls(str(self.data_dir), train=True, transform=train_tf)
+            eval_set = self.dataset_cls(str(self.data_dir), train=True, transform=tf)
             test_set = self.dataset_cls(str(self.data_dir), train=False, transform=tf)
-            self._splits = {"train": Subset(train_set, train_idx), "val": Subset(train_set, val_idx), "test": test_set}
+            self._splits = {"train": Subset(train_set, train_idx), "val": Subset(eval_set, val_idx), "test": test_set}
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         train_x, train_y = self.load_tensors(train=True, device=device)
@@ -182,7 +226,8 @@ class DigitsDataModule(L.LightningDataModule):
             )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = EpochSampler(len(data[1]), shuffle, self.seed, rank, world, even=shuffle)
-        return DeviceLoader(*data, batch_size=batch_size, sampler=sampler)
+        translate = self.translate if split == "train" else 0
+        return DeviceLoader(*data, batch_size, sampler, translate=translate, fill=-self.mean / self.std)
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("train", self.batch_size, shuffle=True)

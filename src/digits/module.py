@@ -49,13 +49,22 @@ class Classifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.train_loss_sum = torch.zeros(())
+        self.channels_last = False
         self.misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @property
     def num_parameters(self) -> int:
         return count_parameters(self.net)
 
+    def setup(self, stage: str) -> None:
+        # cuDNN's fastest convolutions (and Tensor Cores under bf16) want NHWC tensors
+        self.channels_last = self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, ...]:

@@ -1,9 +1,12 @@
 """One training run: seed → instantiate → fit → test → metrics.json → the value a sweeper optimises."""
 
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,8 +16,10 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from digits.callbacks import EpochTimer
 from digits.config import build
 from digits.errors import DigitsError
 from digits.module import Classifier
@@ -32,6 +37,8 @@ def configure_backends() -> None:
 
 def build_module(cfg: DictConfig) -> Classifier:
     net = build(cfg.model, "model")
+    if cfg.get("compile"):
+        net.compile()  # in place: checkpoints keep the plain parameter names
     scheduler = cfg.get("scheduler")
     return Classifier(
         net,
@@ -44,6 +51,7 @@ def build_module(cfg: DictConfig) -> Classifier:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    callbacks.append(EpochTimer())
     if pruner := pruning_callback(cfg.get("optuna")):
         callbacks.append(pruner)
     return build(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks)
@@ -64,18 +72,68 @@ def hyperparameters(cfg: DictConfig, num_parameters: int) -> dict[str, Any]:
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
 
 
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last`: the newest last.ckpt or SLURM hpc checkpoint of this run dir (None: start afresh)."""
+    if ckpt_path != "last":
+        return ckpt_path
+    found = [*(run_dir / "checkpoints").glob("last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    if not found:
+        log.info(f"ckpt_path=last: no checkpoint of an unfinished run in {run_dir}; starting from scratch")
+        return None
+    return str(max(found, key=os.path.getmtime))
+
+
+def check_checkpoint(path: str, module: Classifier) -> None:
+    """A checkpoint must exist, load, and hold weights of exactly this model's shapes."""
+    if not Path(path).is_file():
+        raise DigitsError(f"ckpt_path={path!r} is not allowed; expected an existing checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as err:
+        raise DigitsError(
+            f"ckpt_path={path!r} is not a readable checkpoint ({type(err).__name__}); truncated?"
+        ) from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        diff = sorted(set(found.items()) ^ set(expected.items()))[:2]
+        raise DigitsError(f"ckpt_path={path!r} holds a different model than model=… here (first differences: {diff})")
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "optuna", "numpy")
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test the configured model; returns the metrics also written to `metrics.json`."""
     L.seed_everything(cfg.seed, workers=True)
     configure_backends()
+    run_dir = Path(cfg.paths.output_dir)
     datamodule = build(cfg.data, "data")
     module = build_module(cfg)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir)
+    if ckpt_path:
+        check_checkpoint(ckpt_path, module)
     trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        write_json(run_dir / "versions.json", package_versions())
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's is a SystemExit with code 0: a scheduler must not take it for success
+        log.warning(f"stopped by SIGTERM; {run_dir}/checkpoints/last.ckpt holds the run: resume with ckpt_path=last")
+        raise SystemExit(128 + signal.SIGTERM) from None
     train_seconds = time.perf_counter() - start
 
+    timer = next(cb for cb in trainer.callbacks if isinstance(cb, EpochTimer))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
     metrics = {
@@ -87,9 +145,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": module.num_parameters,
         "epochs": trainer.current_epoch,
         "train_seconds": train_seconds,
+        "epoch_seconds": timer.seconds,
+        "samples_per_second": timer.samples / sum(timer.seconds) if timer.seconds else 0.0,
         "device": device_name(trainer.strategy.root_device),
         "precision": str(trainer.precision),
+        "compiled": bool(cfg.get("compile")),
         "data": datamodule.name,
+        "train_size": datamodule.n_train,
         "model": type(module.net).__name__,
         "best_checkpoint": best,
     }
@@ -99,8 +161,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 hyperparameters(cfg, module.num_parameters), {f"hp/{k}": metrics[k] for k in HP_METRICS}
             )
             logger.save()
-        write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-        log.info(summary(metrics, cfg.paths.output_dir))
+        write_json(run_dir / "metrics.json", metrics)
+        log.info(summary(metrics, str(run_dir)))
     return metrics
 
 
@@ -115,6 +177,7 @@ def device_name(device: torch.device) -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write via a temporary file, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

@@ -1,0 +1,163 @@
+"""Training throughput of every model × loader, and time-to-99% of the fast preset, in one process.
+
+    python scripts/benchmark.py                      # whatever device is there
+    python scripts/benchmark.py --device cpu --epochs 2 --json logs/bench.json
+
+Prints a Markdown table and writes JSON. Start-up, data preparation and compile time are their
+own rows, never folded into training time. The torch DataLoader rows are the baseline: the ratio
+column divides the device loader's samples/s by theirs, same model, same batch size.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from digits.config import CONF_DIR, ROOT
+from digits.data import MNISTDataModule
+from digits.train import train
+
+
+def config(device: str, out: Path, *overrides: str):
+    trainer = "gpu" if device == "cuda" else "cpu"
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"trainer={trainer}", "logger=none", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.callbacks.pop("progress_bar", None)
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+    return cfg
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS so far
+
+
+def startup_seconds() -> float:
+    """A fresh interpreter importing the training stack, as every `python train.py` does."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import digits.train"], check=True, cwd=ROOT, env={**os.environ})
+    return time.perf_counter() - start
+
+
+def data_seconds(data_dir: str, device: str) -> float:
+    dm = MNISTDataModule(data_dir=data_dir)
+    start = time.perf_counter()
+    for train_split in (True, False):
+        dm.load_tensors(train=train_split, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per throughput run; the first is warm-up")
+    parser.add_argument("--models", default="mlp,cnn,cnn_bn")
+    parser.add_argument("--loaders", default="device,torch")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="for the torch loader")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile for each model")
+    parser.add_argument("--no-fast", action="store_true", help="skip the time-to-99% run of experiment=mnist_fast")
+    parser.add_argument("--json", type=Path, default=ROOT / "logs" / "benchmark.json")
+    args = parser.parse_args()
+
+    out = Path(tempfile.mkdtemp(prefix="digits-bench-"))
+    rows: list[dict] = []
+    overheads = {"start-up (import torch, lightning, digits)": startup_seconds()}
+    data_dir = config(args.device, out).paths.data_dir
+    MNISTDataModule(data_dir=data_dir).prepare_data()
+    overheads["data preparation (60k+10k images to the device)"] = data_seconds(data_dir, args.device)
+
+    variants = [(m, lo, False) for m in args.models.split(",") for lo in args.loaders.split(",")]
+    if args.compile:
+        variants += [(m, "device", True) for m in args.models.split(",")]
+    for model, loader, compiled in variants:
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        workers = args.workers if loader == "torch" else 0
+        overrides = [
+            f"model={model}",
+            f"data.loader={loader}",
+            f"data.batch_size={args.batch_size}",
+            f"trainer.max_epochs={args.epochs}",
+            f"data.num_workers={workers}",
+            f"compile={compiled}",
+        ]
+        m = train(config(args.device, out, *overrides))
+        steady = m["epoch_seconds"][1:] or m["epoch_seconds"]
+        epoch = sorted(steady)[len(steady) // 2]
+        row = {
+            "model": model,
+            "loader": loader + (" + compile" if compiled else ""),
+            "batch": args.batch_size,
+            "samples_per_s": m["train_size"] / epoch,
+            "epoch_s": epoch,
+            "first_epoch_s": m["epoch_seconds"][0],
+            "peak_mem_mb": peak_memory_mb(args.device),
+            "test_acc": m["test_acc"],
+            "precision": m["precision"],
+        }
+        if compiled:
+            overheads[f"compile ({model}, first epoch minus a steady one)"] = row["first_epoch_s"] - epoch
+        rows.append(row)
+        print(f"{model:7s} {row['loader']:18s} {row['samples_per_s']:12,.0f} samples/s  epoch {epoch:.2f} s")
+
+    baseline = {r["model"]: r["samples_per_s"] for r in rows if r["loader"] == "torch"}
+    for r in rows:
+        r["vs_torch_loader"] = r["samples_per_s"] / baseline[r["model"]] if r["model"] in baseline else None
+
+    fast = None
+    if not args.no_fast:
+        m = train(config(args.device, out, "experiment=mnist_fast"))
+        fast = {
+            "train_seconds": m["train_seconds"],
+            "epoch_seconds": m["epoch_seconds"],
+            "test_acc": m["test_acc"],
+            "reached_99": m["test_acc"] >= 0.99,
+        }
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    machine = f"{device_name}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    print(f"\n### Training throughput on {args.device} ({machine})\n")
+    print("| model | loader | batch | samples/s | epoch s | × torch loader | peak MB | precision |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        ratio = f"{r['vs_torch_loader']:.2f}" if r["vs_torch_loader"] else ""
+        print(
+            f"| {r['model']} | {r['loader']} | {r['batch']} | {r['samples_per_s']:,.0f} | {r['epoch_s']:.2f} "
+            f"| {ratio} | {r['peak_mem_mb']:,.0f} | {r['precision']} |"
+        )
+    print("\n| overhead | seconds |\n|---|---:|")
+    for name, seconds in overheads.items():
+        print(f"| {name} | {seconds:.2f} |")
+    if fast:
+        print(
+            f"\nexperiment=mnist_fast: {100 * fast['test_acc']:.2f}% test accuracy after "
+            f"{fast['train_seconds']:.2f} s of training (fit, validation included; start-up and data not counted)"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {"machine": machine, "device": args.device, "rows": rows, "overheads_s": overheads, "fast": fast}, indent=2
+        )
+    )
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The fast path: device-resident batches (order, shards, resume, augmentation), precision and compile."""
+
+import socket
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from digits.data import DeviceLoader, EpochSampler, random_translate
+from digits.train import train
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gather_shards(rank: int, world: int, port: int, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    shard = EpochSampler(1003, shuffle=True, seed=5, rank=dist.get_rank(), world_size=dist.get_world_size())
+    shard.set_epoch(2)
+    mine = shard.indices()
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    if rank == 0:
+        out["shards"] = [g.tolist() for g in gathered]
+    dist.destroy_process_group()
+
+
+def test_ddp_shards_over_gloo_are_disjoint_equal_and_cover_the_set():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_gather_shards, args=(2, port, out), nprocs=2, join=True)
+    first, second = out["shards"]
+    assert len(first) == len(second) == 502
+    assert set(first) | set(second) == set(range(1003))
+    assert len(set(first) & set(second)) == 1  # the one index wrapped around to even the shards out
+
+
+class Recorder(L.LightningModule):
+    """Trains a single weight and remembers which sample indices (the labels here) each step saw."""
+
+    def __init__(self, loader: DeviceLoader):
+        super().__init__()
+        self.loader, self.weight, self.seen = loader, torch.nn.Parameter(torch.zeros(())), []
+
+    def train_dataloader(self) -> DeviceLoader:
+        return self.loader
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[1].tolist())
+        return (self.weight - 1) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def record(tmp_path, ckpt_path=None, callbacks=()) -> list[list[int]]:
+    n = 22
+    loader = DeviceLoader(torch.zeros(n, 1, 2, 2), torch.arange(n), batch_size=4, sampler=EpochSampler(n, True, 3))
+    module = Recorder(loader)
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        enable_checkpointing=bool(callbacks),
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module.seen
+
+
+def test_device_loader_resumes_mid_epoch_in_the_same_order(tmp_path):
+    straight = record(tmp_path / "a")
+    assert len(straight) == 12 and straight[:6] != straight[6:]  # 6 batches an epoch, a new order each epoch
+    every_4_steps = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    record(tmp_path / "b", callbacks=[every_4_steps])
+    resumed = record(tmp_path / "c", ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    assert resumed == straight[4:]
+    resumed_late = record(tmp_path / "d", ckpt_path=tmp_path / "ckpt" / "step=8.ckpt")
+    assert resumed_late == straight[8:]
+
+
+def test_random_translate_moves_each_image_within_the_shift():
+    images = torch.full((64, 1, 28, 28), -1.0)
+    images[:, 0, 14, 14] = 5.0
+    moved = random_translate(images, 2, fill=-1.0, generator=torch.Generator().manual_seed(0))
+    assert moved.shape == images.shape
+    where = (moved[:, 0] == 5.0).nonzero()[:, 1:]
+    assert len(where) == 64 and (where - 14).abs().max() <= 2
+    assert len({tuple(p) for p in where.tolist()}) > 10  # shifts differ between images
+    again = random_translate(images, 2, fill=-1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again)
+
+
+@pytest.mark.slow
+def test_device_and_torch_loaders_reach_comparable_accuracy(make_cfg):
+    common = [
+        "model=mlp",
+        "data.train_size=4000",
+        "data.val_size=1000",
+        "trainer.max_epochs=2",
+        "seed=0",
+        "logger=none",
+    ]
+    device = train(make_cfg(*common, "data.loader=device"))
+    reference = train(make_cfg(*common, "data.loader=torch"))
+    assert device["test_acc"] > 0.88 and reference["test_acc"] > 0.88
+    assert abs(device["test_acc"] - reference["test_acc"]) < 0.02
+
+
+def test_translation_and_bf16_autocast_compose_on_cpu(make_cfg):
+    metrics = train(make_cfg("debug=fast", "trainer=cpu", "trainer.precision=bf16-mixed", "data.translate=2"))
+    assert metrics["precision"] == "bf16-mixed"
+    assert 0 <= metrics["test_acc"] <= 1
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_parameter_names(make_cfg, tmp_path):
+    metrics = train(make_cfg("model=mlp", "compile=true", "debug=quick", "logger=none"))
+    assert metrics["compiled"] and metrics["test_acc"] > 0.5
+    state = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)
+
+
+@CUDA
+def test_gpu_trainer_uses_bf16_and_matches_fp32_accuracy(make_cfg):
+    common = ["experiment=mnist_fast", "logger=none", "seed=0", "trainer=gpu"]
+    bf16 = train(make_cfg(*common))
+    fp32 = train(make_cfg(*common, "trainer.precision=32-true"))
+    assert bf16["precision"] == "bf16-mixed" and bf16["device"].startswith("cuda")
+    assert abs(bf16["test_acc"] - fp32["test_acc"]) <= 0.002
+    assert bf16["test_acc"] >= 0.99
+
+
+@CUDA
+def test_gpu_compile_composes_with_bf16(make_cfg):
+    metrics = train(make_cfg("model=cnn", "compile=true", "trainer=gpu", "debug=quick", "logger=none"))
+    assert metrics["compiled"] and metrics["precision"] == "bf16-mixed"
