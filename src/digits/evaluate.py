@@ -1,0 +1,209 @@
+"""Evaluate and predict with any checkpoint of a digits run; model and data come from the run's config."""
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, UnidentifiedImageError
+
+from digits.config import build
+from digits.errors import DigitsError
+from digits.module import Classifier
+from digits.train import build_module, check_checkpoint, device_name, write_json
+
+
+def load_run(ckpt_path: str | Path, paths: DictConfig) -> tuple[DictConfig, Path]:
+    """The config saved beside a checkpoint (`<run>/checkpoints/x.ckpt` → `<run>/.hydra/config.yaml`)."""
+    ckpt = Path(ckpt_path)
+    if not ckpt.is_file():
+        raise DigitsError(f"ckpt_path={str(ckpt_path)!r} is not allowed; expected an existing checkpoint file")
+    saved = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise DigitsError(
+            f"ckpt_path={str(ckpt_path)!r} has no {saved} beside it; expected a checkpoint of a digits run"
+        )
+    cfg = OmegaConf.load(saved)
+    cfg.paths = paths  # this machine's data and log dirs, not those of the run's
+    return cfg, ckpt
+
+
+def load_model(cfg: DictConfig, ckpt: Path) -> Classifier:
+    module = build_module(cfg)
+    check_checkpoint(str(ckpt), module)
+    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    return module.eval()
+
+
+def per_class_report(confusion: torch.Tensor, class_names: list[str]) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per class, from a confusion matrix (rows true, columns predicted)."""
+    cm = confusion.double()
+    tp, predicted, actual = cm.diag(), cm.sum(0), cm.sum(1)
+    precision = tp / predicted.clamp(min=1)
+    recall = tp / actual.clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return [
+        {"class": name, "precision": p.item(), "recall": r.item(), "f1": f.item(), "support": int(s)}
+        for name, p, r, f, s in zip(class_names, precision, recall, f1, actual, strict=True)
+    ]
+
+
+def most_confused(confusion: torch.Tensor, class_names: list[str], k: int = 5) -> list[dict[str, Any]]:
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().topk(k)
+    n = len(class_names)
+    return [
+        {"true": class_names[i // n], "predicted": class_names[i % n], "count": int(c)}
+        for c, i in zip(counts.tolist(), flat.tolist(), strict=True)
+        if c > 0
+    ]
+
+
+def evaluate(cfg: DictConfig, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+    """Test the checkpoint; write metrics, confusion matrices, the per-class report and misclassified images."""
+    from digits import figures
+
+    datamodule = build(cfg.data, "data")
+    module = load_model(cfg, ckpt)
+    tensorboard = TensorBoardLogger(out_dir, name="", version="", default_hp_metric=False)
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        logger=tensorboard,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision=cfg.trainer.precision,
+    )
+    tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    cm, names = module.confusion_matrix, datamodule.class_names
+    report = per_class_report(cm, names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "checkpoint": str(ckpt),
+        "test_acc": tested["test/acc"],
+        "test_error_pct": 100 * (1 - tested["test/acc"]),
+        "test_loss": tested["test/loss"],
+        "test_mse": tested["test/mse"],
+        "test_size": int(cm.sum()),
+        "device": device_name(trainer.strategy.root_device),
+        "confusion_matrix": cm.tolist(),
+        "most_confused": most_confused(cm, names),
+        "per_class": report,
+    }
+    write_json(out_dir / "eval.json", metrics)
+    with open(out_dir / "per_class.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(report[0]))
+        writer.writeheader()
+        writer.writerows(report)
+    (out_dir / "per_class.txt").write_text(per_class_table(report))
+    for normalize, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalized.png")):
+        figures.confusion_matrix(cm, names, normalize=normalize).savefig(out_dir / name, dpi=120)
+    if module.misclassified:
+        images, labels, preds = (torch.cat(p) for p in zip(*module.misclassified, strict=True))
+        figures.image_grid(images, labels, preds, names).savefig(out_dir / "misclassified.png", dpi=120)
+    return metrics
+
+
+def per_class_table(report: list[dict[str, Any]]) -> str:
+    lines = [f"{'class':>16}  precision  recall     f1  support"]
+    lines += [
+        f"{r['class']:>16}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}" for r in report
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def image_to_tensor(path: str | Path, mean: float, std: float) -> torch.Tensor:
+    """Any image file as the model saw its training data: grayscale 28×28, white digit on black, normalised."""
+    try:
+        data = Path(path).read_bytes()
+        if not data:
+            raise DigitsError(f"{path}: the file is empty")
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise DigitsError(f"{path}: not a readable image ({type(err).__name__})") from None
+    gray = image.convert("L")
+    side = max(gray.size)
+    square = Image.new("L", (side, side), color=_background(gray))
+    square.paste(gray, ((side - gray.width) // 2, (side - gray.height) // 2))
+    pixels = torch.frombuffer(
+        bytearray(square.resize((28, 28), Image.Resampling.BILINEAR).tobytes()), dtype=torch.uint8
+    )
+    x = pixels.view(1, 1, 28, 28).float() / 255
+    if _background(gray) > 127:  # dark ink on light paper: flip to MNIST's white on black
+        x = 1 - x
+    return (x - mean) / std
+
+
+def _background(gray: Image.Image) -> int:
+    """The median of the border pixels: the paper's colour."""
+    w, h = gray.size
+    px = gray.load()
+    border = [px[x, y] for x in range(w) for y in (0, h - 1)] + [px[x, y] for y in range(h) for x in (0, w - 1)]
+    return sorted(border)[len(border) // 2]
+
+
+@torch.no_grad()
+def predict(module: Classifier, images: torch.Tensor, class_names: list[str]) -> list[dict[str, Any]]:
+    probs = module(images.to(module.device)).float().softmax(-1).cpu()
+    top = probs.max(-1)
+    return [
+        {"label": int(i), "class": class_names[int(i)], "probability": float(p)}
+        for p, i in zip(top.values, top.indices, strict=True)
+    ]
+
+
+def parse_test_index(value: Any, test_size: int) -> list[int]:
+    """`3` or `0:5` (a slice of the official test set)."""
+    text = str(value)
+    start, sep, stop = text.partition(":")
+    try:
+        indices = list(range(int(start), int(stop))) if sep else [int(text)]
+    except ValueError:
+        indices = []
+    ok = bool(indices) and indices[0] >= 0 and indices[-1] < test_size
+    if not ok:
+        raise DigitsError(f"test_index={value!r} is not allowed; expected an index or a slice a:b within 0:{test_size}")
+    return indices
+
+
+def run_predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Predictions for `test_index` and `inputs`; an unreadable input gets an error row, the rest answers."""
+    run_cfg, ckpt = load_run(cfg.ckpt_path, cfg.paths)
+    datamodule = build(run_cfg.data, "data")
+    module = load_model(run_cfg, ckpt)
+    names = datamodule.class_names
+    rows: list[dict[str, Any]] = []
+    if cfg.test_index is not None:
+        datamodule.prepare_data()
+        images, labels = datamodule.load_tensors(train=False)
+        indices = parse_test_index(cfg.test_index, len(labels))
+        for i, row in zip(indices, predict(module, images[indices], names), strict=True):
+            rows.append({"input": f"test[{i}]", **row, "true": names[int(labels[i])]})
+    for path in cfg.inputs or []:
+        try:
+            image = image_to_tensor(path, datamodule.mean, datamodule.std)
+        except DigitsError as err:
+            rows.append({"input": str(path), "error": str(err)})
+            continue
+        rows.append({"input": str(path), **predict(module, image, names)[0]})
+    if not rows:
+        raise DigitsError("nothing to predict; give inputs=[a.png,...] and/or test_index=0:5")
+    return rows
+
+
+def prediction_table(rows: list[dict[str, Any]]) -> str:
+    width = max(len(r["input"]) for r in rows)
+    lines = [f"{'input':<{width}}  label  {'class':<14}  probability  true"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['input']:<{width}}  error: {r['error']}")
+        else:
+            answer = f"{r['label']:>5}  {r['class']:<14}  {r['probability']:11.4f}  {r.get('true', '')}"
+            lines.append(f"{r['input']:<{width}}  {answer}")
+    return "\n".join(lines)

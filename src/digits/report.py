@@ -1,0 +1,160 @@
+"""Read finished runs back from a log root or sweep dir: one table, learning curves, error bars, Optuna plots.
+
+Never imported by training: it only reads what runs wrote (metrics.json, .hydra/, TensorBoard events).
+"""
+
+import csv
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from digits.figures import plt  # headless backend chosen there
+
+COLUMNS = (
+    "run", "model", "params", "optimizer", "lr", "batch", "epochs", "weight_decay", "seed", "device",
+    "precision", "train_seconds", "best_val_acc", "test_acc", "test_error_pct",
+)  # fmt: skip
+CURVES = ("train/loss", "val/loss", "train/acc", "val/acc")
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every finished run below `root`: a directory holding metrics.json and its .hydra config."""
+    return sorted(p.parent for p in root.rglob("metrics.json") if (p.parent / ".hydra" / "config.yaml").is_file())
+
+
+def run_row(run: Path, root: Path) -> dict[str, Any]:
+    m = OmegaConf.to_container(OmegaConf.load(run / "metrics.json"))
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    model = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices.get("model", m["model"])
+    return {
+        "run": str(run.relative_to(root)) if run != root else run.name,
+        "model": model,
+        "params": m["params"],
+        "optimizer": str(cfg.optimizer._target_).rsplit(".", 1)[-1],
+        "lr": cfg.optimizer.lr,
+        "batch": cfg.data.batch_size,
+        "epochs": m["epochs"],
+        "weight_decay": cfg.optimizer.get("weight_decay", 0.0),
+        "seed": cfg.seed,
+        "device": m["device"],
+        "precision": m["precision"],
+        "train_seconds": round(m["train_seconds"], 2),
+        "best_val_acc": round(m["best_val_acc"], 5),
+        "test_acc": round(m["test_acc"], 5),
+        "test_error_pct": round(m["test_error_pct"], 3),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def overrides_of(run: Path) -> dict[str, str]:
+    lines = OmegaConf.load(run / ".hydra" / "overrides.yaml")
+    return dict(str(line).split("=", 1) for line in lines if "=" in str(line))
+
+
+def swept_keys(runs: list[Path]) -> list[str]:
+    """Command-line keys that take more than one value across the runs (the seed aside)."""
+    values: dict[str, set[str]] = defaultdict(set)
+    for run in runs:
+        for key, value in overrides_of(run).items():
+            values[key].add(value)
+    return sorted(k for k, v in values.items() if len(v) > 1 and k != "seed")
+
+
+def error_bar_plot(runs: list[Path], key: str, out: Path, metric: str = "test_acc") -> Path:
+    """`metric` against one swept key: mean ± std over the seeds (and any other swept keys)."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        groups[overrides_of(run)[key]].append(OmegaConf.load(run / "metrics.json")[metric])
+    try:
+        order = sorted(groups, key=float)
+    except ValueError:
+        order = sorted(groups)
+    means = [statistics.fmean(groups[v]) for v in order]
+    stds = [statistics.stdev(groups[v]) if len(groups[v]) > 1 else 0.0 for v in order]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(range(len(order)), means, yerr=stds, fmt="o-", capsize=4)
+    ax.set_xticks(range(len(order)), order)
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"{metric} (mean ± std, n={min(len(v) for v in groups.values())}+)")
+    ax.set_title(f"{metric} against {key}")
+    fig.tight_layout()
+    path = out / f"errorbars_{key.replace('/', '_')}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(run: Path, out: Path, name: str) -> Path | None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [t for t in CURVES if t in events.Tags().get("scalars", [])]
+    if not tags:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = {e.step: e.value for e in events.Scalars("epoch")} if "epoch" in events.Tags()["scalars"] else {}
+    for tag in tags:
+        ax = axes[0] if tag.endswith("loss") else axes[1]
+        points = events.Scalars(tag)
+        ax.plot([epochs.get(p.step, p.step) for p in points], [p.value for p in points], "o-", label=tag)
+    for ax, what in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.legend()
+    fig.suptitle(name, fontsize=8)
+    fig.tight_layout()
+    path = out / f"curves_{name.replace('/', '_')}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def optuna_plots(root: Path, out: Path) -> list[Path]:
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plt
+
+    written = []
+    for db in root.rglob("optuna.db"):
+        storage = f"sqlite:///{db}"
+        for summary in optuna.get_all_study_summaries(storage):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
+                continue
+            plots = {"history": optuna_plt.plot_optimization_history}
+            if len(study.trials) > 1 and len(study.best_params) > 1:
+                plots["importances"] = optuna_plt.plot_param_importances
+            for kind, plot in plots.items():
+                ax = plot(study)
+                path = out / f"optuna_{study.study_name}_{kind}.png"
+                ax.figure.tight_layout()
+                ax.figure.savefig(path, dpi=100)
+                plt.close(ax.figure)
+                written.append(path)
+    return written
+
+
+def report(root: Path, out: Path | None = None) -> dict[str, Any]:
+    """Write report.md, runs.csv and the figures into `out` (default `<root>/report`)."""
+    runs = find_runs(root)
+    out = out or root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_row(run, root) for run in runs]
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    figures = [p for run, row in zip(runs, rows, strict=True) if (p := learning_curves(run, out, row["run"]))]
+    figures += [error_bar_plot(runs, key, out) for key in swept_keys(runs)]
+    figures += optuna_plots(root, out)
+    text = f"# Runs under {root}\n\n{markdown_table(rows)}\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
+    (out / "report.md").write_text(text)
+    return {"runs": rows, "figures": figures, "out": out}

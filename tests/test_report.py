@@ -1,0 +1,86 @@
+"""report.py over a real multirun, and explore.py over a real dataset."""
+
+import csv
+import subprocess
+import sys
+
+from PIL import Image
+
+from digits.config import ROOT
+
+
+def assert_real_png(path) -> None:
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 200
+        assert len(set(image.convert("L").getdata())) > 10  # not a blank canvas
+
+
+def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
+    log_dir = tmp_path / "logs"
+    sweep = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        f"paths.log_dir={log_dir}",
+        f"paths.data_dir={data_dir}",
+        "model=mlp",
+        "data.train_size=256",
+        "data.val_size=256",
+        "trainer.max_epochs=2",
+        "optimizer.weight_decay=1e-6,1e-3",
+        "data.batch_size=32,64",
+        "seed=0,1",
+    ]
+    done = subprocess.run(sweep, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (multirun,) = log_dir.glob("multiruns/*")
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "report.py"), str(multirun)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = multirun / "report"
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    assert {r["weight_decay"] for r in rows} == {"1e-06", "0.001"} and {r["seed"] for r in rows} == {"0", "1"}
+    assert all(0 < float(r["test_acc"]) <= 1 and r["model"] == "mlp" for r in rows)
+    for key in ("optimizer.weight_decay", "data.batch_size"):
+        assert_real_png(out / f"errorbars_{key}.png")
+    assert len(list(out.glob("curves_*.png"))) == 8
+    assert (out / "report.md").read_text().count("\n| ") == 9  # header and 8 runs
+
+
+def test_report_of_an_empty_dir_is_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "report.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: no finished run")
+
+
+def test_explore_writes_its_figures(tmp_path, data_dir):
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "explore.py"),
+        "data=fashion",
+        f"paths.log_dir={tmp_path}",
+        f"paths.data_dir={data_dir}",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "explore" / "fashion"
+    for name in ("first_200.png", "class_histogram.png", "image_stats.png"):
+        assert_real_png(out / name)
+    with open(out / "image_stats.csv") as f:
+        stats = list(csv.DictReader(f))
+    assert len(stats) == 10 and sum(int(r["images"]) for r in stats) == 60_000
+    assert all(0 < float(r["entropy"]) <= 8 for r in stats)
