@@ -50,8 +50,22 @@ def make_cfg(data_dir: Path, tmp_path: Path):
     GlobalHydra.instance().clear()
 
 
+def train_command(*overrides: str, log_dir: Path, data_dir: Path) -> list[str]:
+    """`python train.py` with the test's log and data dirs; `-m` and `--flags` go first, as argparse wants."""
+    flags = [o for o in overrides if o.startswith("-")]
+    rest = [o for o in overrides if not o.startswith("-")]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *flags,
+        f"paths.log_dir={log_dir}",
+        f"paths.data_dir={data_dir}",
+        *rest,
+    ]
+
+
 def run_train(*overrides: str, log_dir: Path, data_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python train.py ...` in a subprocess from a foreign working directory, as a user would."""
-    cmd = [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", f"paths.data_dir={data_dir}", *overrides]
+    cmd = train_command(*overrides, log_dir=log_dir, data_dir=data_dir)
     env = {**os.environ, "HYDRA_FULL_ERROR": "", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=timeout, env=env)

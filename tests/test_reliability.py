@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_train
+from conftest import run_train, train_command
 from digits.config import ROOT
 from digits.train import train
 
@@ -22,7 +22,7 @@ TIMING = {"train_seconds", "epoch_seconds", "samples_per_second", "best_checkpoi
 
 
 def start_train(log_dir: Path, data_dir: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", f"paths.data_dir={data_dir}", *overrides]
+    cmd = train_command(*overrides, log_dir=log_dir, data_dir=data_dir)
     return subprocess.Popen(
         cmd,
         stdout=subprocess.DEVNULL,

@@ -6,6 +6,7 @@ import sys
 
 from PIL import Image
 
+from conftest import train_command
 from digits.config import ROOT
 
 
@@ -19,12 +20,8 @@ def assert_real_png(path) -> None:
 
 def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
     log_dir = tmp_path / "logs"
-    sweep = [
-        sys.executable,
-        str(ROOT / "train.py"),
+    sweep = train_command(
         "-m",
-        f"paths.log_dir={log_dir}",
-        f"paths.data_dir={data_dir}",
         "model=mlp",
         "data.train_size=256",
         "data.val_size=256",
@@ -32,7 +29,9 @@ def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
         "optimizer.weight_decay=1e-6,1e-3",
         "data.batch_size=32,64",
         "seed=0,1",
-    ]
+        log_dir=log_dir,
+        data_dir=data_dir,
+    )
     done = subprocess.run(sweep, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     (multirun,) = log_dir.glob("multiruns/*")

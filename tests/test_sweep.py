@@ -6,7 +6,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,15 +18,16 @@ from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from digits.config import ROOT
+from conftest import train_command
 
 TINY = ["model=mlp", "data.train_size=256", "data.val_size=256", "trainer.max_epochs=1"]
 
 
 def sweep_cmd(log_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
-    base = ["-m", "hparams_search=mlp_optuna", f"paths.log_dir={log_dir}", f"paths.data_dir={data_dir}", *TINY]
     quiet = [] if any(o.startswith("logger=") for o in overrides) else ["logger=none"]
-    return [sys.executable, str(ROOT / "train.py"), *base, *quiet, *overrides]
+    return train_command(
+        "-m", "hparams_search=mlp_optuna", *TINY, *quiet, *overrides, log_dir=log_dir, data_dir=data_dir
+    )
 
 
 def run_sweep(log_dir: Path, data_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -252,16 +252,9 @@ def test_study_of_the_other_direction_is_refused(tmp_path, data_dir):
 def test_grid_multirun_with_the_basic_sweeper(tmp_path, data_dir):
     """The labs' L2 study with replicates, shrunk: 2 decays × 2 seeds."""
     log_dir = tmp_path / "logs"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        f"paths.log_dir={log_dir}",
-        f"paths.data_dir={data_dir}",
-        *TINY,
-        "optimizer.weight_decay=1e-6,1e-3",
-        "seed=0,1",
-    ]
+    cmd = train_command(
+        "-m", *TINY, "logger=none", "optimizer.weight_decay=1e-6,1e-3", "seed=0,1", log_dir=log_dir, data_dir=data_dir
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list(log_dir.glob("multiruns/*/*/metrics.json"))
