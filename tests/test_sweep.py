@@ -276,3 +276,27 @@ def test_slurm_gpu_preset_composes_with_overridable_keys():
         launcher = compose("train", overrides=overrides, return_hydra_config=True).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_task) == ("a100", 240, 1)
+
+
+LAB_STUDIES = {
+    "study_hidden": ("model.hidden_size", 5),
+    "study_batch": ("data.batch_size", 5),
+    "study_kernel": ("model.kernel_size", 5),
+    "study_dense": ("model.hidden_size", 6),
+    "study_epochs": ("trainer.max_epochs", 5),
+    "study_l2": ("optimizer.weight_decay", 5),
+    "study_optimizers": ("optimizer", 5),
+}
+
+
+@pytest.mark.parametrize(("study", "key", "n"), [(s, *v) for s, v in LAB_STUDIES.items()])
+def test_lab_study_presets_sweep_real_keys(study, key, n):
+    from hydra import compose, initialize_config_dir
+
+    from digits.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={study}"], return_hydra_config=True)
+    values = str(cfg.hydra.sweeper.params[key]).split(",")
+    assert len(values) == n
+    assert key in cfg.hydra.runtime.choices or OmegaConf.select(cfg, key) is not None

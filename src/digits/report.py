@@ -158,3 +158,38 @@ def report(root: Path, out: Path | None = None) -> dict[str, Any]:
     text = f"# Runs under {root}\n\n{markdown_table(rows)}\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
     (out / "report.md").write_text(text)
     return {"runs": rows, "figures": figures, "out": out}
+
+
+# What the labs' notebooks reported (../shared/spec/labs.md) and published references, per preset
+LAB_FIGURES = {
+    ("lenet5", "MNIST"): "98.94% (1.06% error); published LeNet-5: 99.05%",
+    ("lenet5", "FashionMNIST"): "89.4% (10.6% error)",
+    ("mlp_500_300", "MNIST"): "96.3% (best L2 mean); Hinton's reference 98.47%",
+    ("mlp_8", "MNIST"): "92.6%",
+    ("keras_cnn", "MNIST"): "99.06%",
+    ("lab_cnn", "MNIST"): "99.17% in 10 epochs",
+    ("bn_cnn", "FashionMNIST"): "92.3-92.5% (val, 11 epochs); published 2-conv CNN ≈ 92.5%",
+    ("mnist_fast", "MNIST"): "99% in 0.76 s of training on a GTX 1660 Ti (the public record)",
+}
+
+
+def results_table(root: Path) -> str:
+    """Finished runs grouped by experiment and dataset: test accuracy as mean ± std over the seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in find_runs(root):
+        choices = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        if choices.get("experiment"):
+            groups[choices.experiment, OmegaConf.load(run / "metrics.json").data].append(run_row(run, root))
+    header = ("experiment", "data", "params", "seeds", "test accuracy (mean ± std)", "best", "train s", "device",
+              "labs / reference")  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for (experiment, data), rows in sorted(groups.items()):
+        accs = [100 * r["test_acc"] for r in rows]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        seconds = statistics.fmean(r["train_seconds"] for r in rows)
+        lines.append(
+            f"| `{experiment}` | {data} | {rows[0]['params']:,} | {len(rows)} | {statistics.fmean(accs):.2f}% ± "
+            f"{spread:.2f} | {max(accs):.2f}% | {seconds:.1f} | {rows[0]['device']} | "
+            f"{LAB_FIGURES.get((experiment, data), '')} |"
+        )
+    return "\n".join(lines) + "\n"
