@@ -212,3 +212,8 @@ def test_full_log_dir_is_one_line_and_leaves_nothing_finished(tmp_path, data_dir
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "No space left on device" in done.stderr.strip().splitlines()[-1]
     assert not list(tiny_filesystem.glob("runs/*/*/metrics.json"))
+
+
+def test_checkpoint_of_another_dataset_is_refused(tmp_path, data_dir, mlp_checkpoint):
+    line = hostile(tmp_path, data_dir, "model=mlp", "data=fashion", f"ckpt_path={mlp_checkpoint}", "debug=quick")
+    assert "was trained on MNIST; this run's data is FashionMNIST" in line

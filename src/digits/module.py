@@ -137,6 +137,10 @@ class Classifier(L.LightningModule):
             if images is not None:
                 tb.experiment.add_figure("test/misclassified", figures.image_grid(images, labels, preds, names))
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # MNIST and Fashion-MNIST nets have the same shapes: the dataset name tells their checkpoints apart
+        checkpoint["dataset"] = getattr(self.trainer.datamodule, "name", None)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:

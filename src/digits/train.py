@@ -83,12 +83,13 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(max(found, key=os.path.getmtime))
 
 
-def check_checkpoint(path: str, module: Classifier) -> None:
-    """A checkpoint must exist, load, and hold weights of exactly this model's shapes."""
+def check_checkpoint(path: str, module: Classifier, dataset: str | None = None) -> None:
+    """A checkpoint must exist, load, hold weights of exactly this model's shapes, and come from `dataset`."""
     if not Path(path).is_file():
         raise DigitsError(f"ckpt_path={path!r} is not allowed; expected an existing checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint["state_dict"]
     except Exception as err:
         raise DigitsError(
             f"ckpt_path={path!r} is not a readable checkpoint ({type(err).__name__}); truncated?"
@@ -98,6 +99,9 @@ def check_checkpoint(path: str, module: Classifier) -> None:
     if found != expected:
         diff = sorted(set(found.items()) ^ set(expected.items()))[:2]
         raise DigitsError(f"ckpt_path={path!r} holds a different model than model=… here (first differences: {diff})")
+    trained_on = checkpoint.get("dataset")
+    if dataset and trained_on and trained_on != dataset:
+        raise DigitsError(f"ckpt_path={path!r} was trained on {trained_on}; this run's data is {dataset}")
 
 
 def package_versions() -> dict[str, str]:
@@ -120,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg)
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir)
     if ckpt_path:
-        check_checkpoint(ckpt_path, module)
+        check_checkpoint(ckpt_path, module, datamodule.name)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         write_json(run_dir / "versions.json", package_versions())
