@@ -201,9 +201,10 @@ class DigitsDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         train_x, train_y = self.load_tensors(train=True, device=device)
         test_x, test_y = self.load_tensors(train=False, device=device)
+        train_idx, val_idx = train_idx.to(device), val_idx.to(device)
         self._splits = {
-            "train": (train_x[train_idx.to(device)], train_y[train_idx.to(device)]),
-            "val": (train_x[val_idx.to(device)], train_y[val_idx.to(device)]),
+            "train": (train_x[train_idx], train_y[train_idx]),
+            "val": (train_x[val_idx], train_y[val_idx]),
             "test": (test_x, test_y),
         }
 

@@ -34,8 +34,7 @@ def load_run(ckpt_path: str | Path, paths: DictConfig) -> tuple[DictConfig, Path
 
 def load_model(cfg: DictConfig, ckpt: Path) -> Classifier:
     module = build_module(cfg)
-    check_checkpoint(str(ckpt), module)
-    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    module.load_state_dict(check_checkpoint(str(ckpt), module)["state_dict"])
     return module.eval()
 
 

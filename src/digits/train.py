@@ -83,8 +83,11 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(max(found, key=os.path.getmtime))
 
 
-def check_checkpoint(path: str, module: Classifier, dataset: str | None = None) -> None:
-    """A checkpoint must exist, load, hold weights of exactly this model's shapes, and come from `dataset`."""
+def check_checkpoint(path: str, module: Classifier, dataset: str | None = None) -> dict[str, Any]:
+    """A checkpoint must exist, load, hold weights of exactly this model's shapes, and come from `dataset`.
+
+    Returns the loaded checkpoint, so callers need not read the file again.
+    """
     if not Path(path).is_file():
         raise DigitsError(f"ckpt_path={path!r} is not allowed; expected an existing checkpoint file")
     try:
@@ -102,6 +105,7 @@ def check_checkpoint(path: str, module: Classifier, dataset: str | None = None) 
     trained_on = checkpoint.get("dataset")
     if dataset and trained_on and trained_on != dataset:
         raise DigitsError(f"ckpt_path={path!r} was trained on {trained_on}; this run's data is {dataset}")
+    return checkpoint
 
 
 def package_versions() -> dict[str, str]:
