@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from digits.data import DeviceLoader, EpochSampler, random_translate
+from digits.data import DeviceLoader, EpochSampler, random_flip, random_translate
 from digits.train import train
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -95,6 +95,29 @@ def test_random_translate_moves_each_image_within_the_shift():
     assert len({tuple(p) for p in where.tolist()}) > 10  # shifts differ between images
     again = random_translate(images, 2, fill=-1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(moved, again)
+
+
+def test_random_flip_mirrors_about_half_the_images_and_nothing_else():
+    images = torch.arange(256 * 28 * 28, dtype=torch.float32).reshape(256, 1, 28, 28)
+    flipped = random_flip(images, torch.Generator().manual_seed(0))
+    mirrored = (flipped == images.flip(-1)).flatten(1).all(1)
+    kept = (flipped == images).flatten(1).all(1)
+    assert bool((mirrored ^ kept).all())  # each image is either mirrored or left alone
+    assert 96 < int(mirrored.sum()) < 160
+    assert torch.equal(flipped, random_flip(images, torch.Generator().manual_seed(0)))
+
+
+def test_flip_augments_training_batches_only(make_cfg, data_dir):
+    from hydra.utils import instantiate
+
+    dm = instantiate(make_cfg("data=fashion", "data.flip=true", "data.train_size=512", "data.val_size=512").data)
+    dm.setup()
+    train_x, _ = dm._splits["train"]
+    seen = torch.cat([x for x, _ in dm.train_dataloader()])
+    order = dm.train_dataloader().sampler.indices()
+    assert not torch.equal(seen, train_x[order]) and torch.equal(seen.sort(-1).values, train_x[order].sort(-1).values)
+    val_x, _ = dm._splits["val"]
+    assert torch.equal(torch.cat([x for x, _ in dm.val_dataloader()]), val_x)
 
 
 @pytest.mark.slow

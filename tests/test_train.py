@@ -1,7 +1,9 @@
+import csv
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -67,6 +69,17 @@ def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
     assert session.hparams["data.batch_size"].number_value == 128
 
 
+def test_csv_logger_beside_tensorboard_gets_the_hparams_and_final_metrics(make_cfg, tmp_path):
+    metrics = train(make_cfg("model=mlp", "debug=quick", "logger=many"))
+    run_dir = tmp_path / "run"
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["model.hidden_size"] == 128 and hparams["params"] == metrics["params"]
+    with open(run_dir / "metrics.csv") as f:
+        final = [row for row in csv.DictReader(f) if row["hp/test_acc"]]
+    assert len(final) == 1 and float(final[0]["hp/test_acc"]) == pytest.approx(metrics["test_acc"])
+    assert "hp/test_acc" in read_events(run_dir).Tags()["scalars"]
+
+
 @pytest.mark.slow
 def test_mlp_reaches_an_accuracy_floor_on_a_fixed_seed(make_cfg):
     cfg = make_cfg("model=mlp", "data.train_size=5000", "data.val_size=1000", "trainer.max_epochs=2", "seed=0")
@@ -88,6 +101,7 @@ BAD_INPUTS = {
     "model.kernel_size=31": "model.kernel_size=31 is too large; expected 1 to 9",
     "data.val_size=70000": "data.val_size=70000 is not allowed; expected a count from 1 to 59999",
     "optimizer=lbfgs": "error: optimizer='lbfgs' is not allowed; expected one of ['adadelta',",
+    "data.flip=sideways": "data.flip='sideways' is not allowed; expected true or false",
     "data=cifar,mnist": "error: data='cifar' is not allowed; expected one of ['fashion', 'mnist']",
 }
 

@@ -65,6 +65,12 @@ def random_translate(images: torch.Tensor, shift: int, fill: float, generator: t
     return padded[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    mirrored = torch.rand(len(images), device=images.device, generator=generator) < 0.5
+    return torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+
+
 class DeviceLoader:
     """Batches sliced out of tensors that already live on the training device: no per-sample Python.
 
@@ -81,10 +87,11 @@ class DeviceLoader:
         batch_size: int,
         sampler: EpochSampler,
         translate: int = 0,
+        flip: bool = False,
         fill: float = 0.0,
     ):
         self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
-        self.translate, self.fill = translate, fill
+        self.translate, self.flip, self.fill = translate, flip, fill
         self.served, self.resume_at = 0, 0
 
     def __len__(self) -> int:
@@ -99,6 +106,8 @@ class DeviceLoader:
             images = self.images[batch]
             if self.translate:
                 images = random_translate(images, self.translate, self.fill, generator)
+            if self.flip:
+                images = random_flip(images, generator)
             yield images, self.labels[batch]
 
     def state_dict(self) -> dict[str, int]:
@@ -126,6 +135,7 @@ class DigitsDataModule(L.LightningDataModule):
         eval_batch_size: int = 1_000,
         loader: str = "device",
         translate: int = 0,
+        flip: bool = False,
         num_workers: int = 0,
         download: bool = True,
         seed: int = 0,
@@ -136,11 +146,12 @@ class DigitsDataModule(L.LightningDataModule):
         require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
         ok_shift = isinstance(translate, int) and 0 <= translate <= 8
         require(ok_shift, "translate", translate, "a shift in pixels from 0 (off) to 8")
+        require(isinstance(flip, bool), "flip", flip, "true or false")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.loader, self.num_workers, self.download, self.seed = loader, num_workers, download, seed
-        self.translate = translate
+        self.translate, self.flip = translate, flip
         self.n_val = _split_size("val_size", val_size, self.train_pool, upper=self.train_pool - 1)
         remaining = self.train_pool - self.n_val
         self.n_train = remaining if train_size is None else _split_size("train_size", train_size, remaining, remaining)
@@ -192,7 +203,9 @@ class DigitsDataModule(L.LightningDataModule):
         if self.loader == "torch":
             tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((self.mean,), (self.std,))])
             shift = self.translate / 28
-            train_tf = transforms.Compose([transforms.RandomAffine(0, translate=(shift, shift)), tf]) if shift else tf
+            augment = [transforms.RandomAffine(0, translate=(shift, shift))] if shift else []
+            augment += [transforms.RandomHorizontalFlip()] if self.flip else []
+            train_tf = transforms.Compose([*augment, tf])
             train_set = self.dataset_cls(str(self.data_dir), train=True, transform=train_tf)
             eval_set = self.dataset_cls(str(self.data_dir), train=True, transform=tf)
             test_set = self.dataset_cls(str(self.data_dir), train=False, transform=tf)
@@ -227,8 +240,9 @@ class DigitsDataModule(L.LightningDataModule):
             )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = EpochSampler(len(data[1]), shuffle, self.seed, rank, world, even=shuffle)
-        translate = self.translate if split == "train" else 0
-        return DeviceLoader(*data, batch_size, sampler, translate=translate, fill=-self.mean / self.std)
+        train = split == "train"
+        augment = {"translate": self.translate if train else 0, "flip": self.flip and train}
+        return DeviceLoader(*data, batch_size, sampler, **augment, fill=-self.mean / self.std)
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -66,7 +67,8 @@ def hyperparameters(cfg: DictConfig, num_parameters: int) -> dict[str, Any]:
     params |= {"seed": cfg.seed, "params": num_parameters, "max_epochs": cfg.trainer.max_epochs}
     if cfg.get("optuna") and cfg.optuna.trial is not None:
         params |= {"optuna.study": cfg.optuna.study_name, "optuna.trial": cfg.optuna.trial}
-    params |= {f"data.{k}": cfg.data[k] for k in ("batch_size", "val_size", "train_size", "loader")}
+    data_keys = ("batch_size", "val_size", "train_size", "loader", "translate", "flip")
+    params |= {f"data.{k}": cfg.data[k] for k in data_keys}
     for group in ("model", "optimizer"):
         params |= {f"{group}.{k}": v for k, v in cfg[group].items() if not k.startswith("_")}
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
@@ -164,10 +166,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best,
     }
     if trainer.is_global_zero:
+        hparams = hyperparameters(cfg, module.num_parameters)
+        hp_metrics = {f"hp/{k}": metrics[k] for k in HP_METRICS}
         for logger in trainer.loggers:
-            logger.log_hyperparams(
-                hyperparameters(cfg, module.num_parameters), {f"hp/{k}": metrics[k] for k in HP_METRICS}
-            )
+            if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs these metrics with the run
+                logger.log_hyperparams(hparams, hp_metrics)
+            else:
+                logger.log_hyperparams(hparams)
+                logger.log_metrics(hp_metrics)
             logger.save()
         write_json(run_dir / "metrics.json", metrics)
         log.info(summary(metrics, str(run_dir)))
