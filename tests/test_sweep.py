@@ -300,3 +300,19 @@ def test_lab_study_presets_sweep_real_keys(study, key, n):
     values = str(cfg.hydra.sweeper.params[key]).split(",")
     assert len(values) == n
     assert key in cfg.hydra.runtime.choices or OmegaConf.select(cfg, key) is not None
+
+
+def test_optimizer_study_runs_each_optimizer_at_its_own_default_lr():
+    from hydra import compose, initialize_config_dir
+
+    from digits.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        lrs = {}
+        for name in ("sgd", "adam", "adadelta"):
+            default = compose("train", overrides=[f"optimizer={name}"]).optimizer.lr
+            study = compose("train", overrides=["experiment=study_optimizers", f"optimizer={name}"])
+            assert study.get("scheduler") is None and study.model.hidden_size == 300
+            lrs[name] = (study.optimizer.lr, default)
+    assert all(ours == default for ours, default in lrs.values()), lrs
+    assert len({ours for ours, _ in lrs.values()}) == 3

@@ -170,6 +170,8 @@ LAB_FIGURES = {
     ("lab_cnn", "MNIST"): "99.17% in 10 epochs",
     ("bn_cnn", "FashionMNIST"): "92.3-92.5% (val, 11 epochs); published 2-conv CNN ≈ 92.5%",
     ("mnist_fast", "MNIST"): "99% in 0.76 s of training on a GTX 1660 Ti (the public record)",
+    ("mnist_best", "MNIST"): "the framework's bar: ≥ 99.6%; labs' best: a simple CNN, 99.26%",
+    ("fashion_best", "FashionMNIST"): "the framework's bar: ≥ 93.5%; published 2-conv CNN ≈ 92.5%",
 }
 
 
