@@ -22,7 +22,7 @@ def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
     log_dir = tmp_path / "logs"
     sweep = train_command(
         "-m",
-        "model=mlp",
+        "experiment=mlp_8",
         "data.train_size=256",
         "data.val_size=256",
         "trainer.max_epochs=2",
@@ -36,13 +36,18 @@ def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     (multirun,) = log_dir.glob("multiruns/*")
 
+    results = tmp_path / "results.md"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "report.py"), str(multirun)],
+        [sys.executable, str(ROOT / "scripts" / "report.py"), str(multirun), "--results", str(results)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    table = [line for line in results.read_text().splitlines() if line.startswith("| `mlp_8`")]
+    assert len(table) == 4  # one row per swept pair, its two seeds folded into mean ± std
+    assert table[0].startswith("| `mlp_8` data.batch_size=32, optimizer.weight_decay=1e-06 | MNIST | 6,370 | 2 |")
+    assert table[-1].startswith("| `mlp_8` data.batch_size=64, optimizer.weight_decay=0.001 | MNIST | 6,370 | 2 |")
     out = multirun / "report"
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
