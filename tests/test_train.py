@@ -20,7 +20,8 @@ def test_fast_dev_run_every_model_and_dataset(make_cfg, model, data):
 
 
 def test_torch_dataloader_path_trains(make_cfg):
-    metrics = train(make_cfg("data.loader=torch", "debug=fast", "data.batch_size=32"))
+    augmented = ("data.translate=2", "data.flip=true")
+    metrics = train(make_cfg("data.loader=torch", "debug=fast", "data.batch_size=32", *augmented))
     assert metrics["params"] == 44_426
 
 
