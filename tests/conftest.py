@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MNIST / Fashion-MNIST files, composed configs, and subprocess runs of train.py."""
+"""Shared fixtures: the real MNIST / Fashion-MNIST files, composed configs, subprocess runs of train.py, events."""
 
 import os
 import shutil
@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digits.config import CONF_DIR, ROOT
 
@@ -69,3 +70,10 @@ def run_train(*overrides: str, log_dir: Path, data_dir: Path, timeout: int = 600
     cmd = train_command(*overrides, log_dir=log_dir, data_dir=data_dir)
     env = {**os.environ, "HYDRA_FULL_ERROR": "", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_events(log_dir: Path) -> EventAccumulator:
+    """Every scalar, image and tensor of the TensorBoard event files in `log_dir`, read back by TensorBoard."""
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    return events

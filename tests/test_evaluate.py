@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_train
+from conftest import read_events, run_train
 from digits.config import ROOT
 from digits.data import MNISTDataModule
 
@@ -50,12 +50,15 @@ def test_eval_confusion_matrix_matches_the_logged_test_accuracy(trained, evaluat
 
 
 def test_eval_writes_images_tables_and_tensorboard(evaluated):
-    _, out = evaluated
+    result, out = evaluated
     for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "misclassified.png"):
         with Image.open(out / name) as image:
             assert image.size[0] > 300 and image.size[1] > 300
     assert (out / "per_class.csv").read_text().startswith("class,precision,recall,f1,support")
-    assert list(out.glob("events.out.tfevents.*"))
+    events = read_events(out)
+    assert set(events.Tags()["images"]) == {"confusion_matrix", "confusion_matrix_normalized", "misclassified"}
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(result["test_acc"], abs=1e-6)
+    assert events.Scalars("test/error_pct")[-1].value == pytest.approx(result["test_error_pct"], abs=1e-4)
 
 
 def test_predict_on_test_images_agrees_with_the_model(trained, data_dir):

@@ -6,7 +6,7 @@ import sys
 
 from PIL import Image
 
-from conftest import train_command
+from conftest import read_events, train_command
 from digits.config import ROOT
 
 
@@ -58,6 +58,9 @@ def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
         assert_real_png(out / f"errorbars_{key}.png")
     assert len(list(out.glob("curves_*.png"))) == 8
     assert (out / "report.md").read_text().count("\n| ") == 9  # header and 8 runs
+    images = read_events(out).Tags()["images"]
+    assert {"errorbars/optimizer.weight_decay", "errorbars/data.batch_size"} <= set(images)
+    assert sum(tag.startswith("curves/") for tag in images) == 8
 
 
 def test_report_of_an_empty_dir_is_one_line(tmp_path):
@@ -84,6 +87,7 @@ def test_explore_writes_its_figures(tmp_path, data_dir):
     out = tmp_path / "explore" / "fashion"
     for name in ("first_200.png", "class_histogram.png", "image_stats.png"):
         assert_real_png(out / name)
+    assert set(read_events(out).Tags()["images"]) == {"first_200", "class_histogram", "image_stats"}
     with open(out / "image_stats.csv") as f:
         stats = list(csv.DictReader(f))
     assert len(stats) == 10 and sum(int(r["images"]) for r in stats) == 60_000

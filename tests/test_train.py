@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import run_train
+from conftest import read_events, run_train
 from digits.train import train
 
 
@@ -23,12 +22,6 @@ def test_torch_dataloader_path_trains(make_cfg):
     augmented = ("data.translate=2", "data.flip=true")
     metrics = train(make_cfg("data.loader=torch", "debug=fast", "data.batch_size=32", *augmented))
     assert metrics["params"] == 44_426
-
-
-def read_events(run_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-    events.Reload()
-    return events
 
 
 def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):

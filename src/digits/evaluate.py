@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
@@ -69,11 +68,10 @@ def evaluate(cfg: DictConfig, ckpt: Path, out_dir: Path) -> dict[str, Any]:
 
     datamodule = build(cfg.data, "data")
     module = load_model(cfg, ckpt)
-    tensorboard = TensorBoardLogger(out_dir, name="", version="", default_hp_metric=False)
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
-        logger=tensorboard,
+        logger=False,  # save_figures writes this dir's TensorBoard events, figures and scalars in one file
         enable_progress_bar=False,
         enable_model_summary=False,
         precision=cfg.trainer.precision,
@@ -100,11 +98,15 @@ def evaluate(cfg: DictConfig, ckpt: Path, out_dir: Path) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(report)
     (out_dir / "per_class.txt").write_text(per_class_table(report))
-    for normalize, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalized.png")):
-        figures.confusion_matrix(cm, names, normalize=normalize).savefig(out_dir / name, dpi=120)
+    plots = {
+        "confusion_matrix": figures.confusion_matrix(cm, names),
+        "confusion_matrix_normalized": figures.confusion_matrix(cm, names, normalize=True),
+    }
     if module.misclassified:
         images, labels, preds = (torch.cat(p) for p in zip(*module.misclassified, strict=True))
-        figures.image_grid(images, labels, preds, names).savefig(out_dir / "misclassified.png", dpi=120)
+        plots["misclassified"] = figures.image_grid(images, labels, preds, names)
+    scalars = {f"test/{k}": metrics[f"test_{k}"] for k in ("acc", "error_pct", "loss", "mse")}
+    figures.save_figures(plots.items(), out_dir, scalars, dpi=120)
     return metrics
 
 

@@ -3,14 +3,10 @@
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 from digits.data import DigitsDataModule
-from digits.figures import image_grid
+from digits.figures import image_grid, plt, save_figures
 
 
 def image_statistics(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -23,6 +19,7 @@ def image_statistics(images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def explore(datamodule: DigitsDataModule, out_dir: Path) -> list[Path]:
+    """Write the figures as PNGs and TensorBoard images into `out_dir`, the statistics as CSV; returns the PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     datamodule.prepare_data()
     train = datamodule.dataset_cls(str(datamodule.data_dir), train=True)
@@ -31,8 +28,7 @@ def explore(datamodule: DigitsDataModule, out_dir: Path) -> list[Path]:
     train_idx, val_idx = datamodule.split_indices()
 
     first = train.data[:200].unsqueeze(1).float()
-    grid = image_grid(first, train.targets[:200], None, [n.split(" - ")[0] for n in names], columns=20)
-    grid.savefig(out_dir / "first_200.png", dpi=100)
+    plots = {"first_200": image_grid(first, train.targets[:200], None, [n.split(" - ")[0] for n in names], columns=20)}
 
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.27
@@ -46,7 +42,7 @@ def explore(datamodule: DigitsDataModule, out_dir: Path) -> list[Path]:
     ax.set_title(f"{datamodule.name}: class balance")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "class_histogram.png", dpi=100)
+    plots["class_histogram"] = fig
 
     stats = image_statistics(train.data)
     rows = []
@@ -66,6 +62,5 @@ def explore(datamodule: DigitsDataModule, out_dir: Path) -> list[Path]:
         ax.set_title(f"per-image {key}")
     fig.suptitle(f"{datamodule.name} training images by class")
     fig.tight_layout()
-    fig.savefig(out_dir / "image_stats.png", dpi=100)
-    plt.close("all")
-    return sorted(out_dir.glob("*.png"))
+    plots["image_stats"] = fig
+    return save_figures(plots.items(), out_dir, dpi=100)

@@ -1,6 +1,7 @@
 """Matplotlib figures of test results, for TensorBoard and for PNG files."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -55,3 +56,28 @@ def image_grid(
         ax.set_title(title, fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def save_figures(
+    figures: Iterable[tuple[str, Figure]], out_dir: Path, scalars: dict[str, float] | None = None, dpi: int = 110
+) -> list[Path]:
+    """Each (tag, figure) as a PNG (the tag with `/` as `_`) and as an image in TensorBoard events in `out_dir`,
+    beside `scalars`. Figures are closed as they are written, so a generator of many holds one at a time.
+
+    Events an earlier call left in `out_dir` are replaced, so TensorBoard shows each figure once.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("events.out.tfevents.*"):
+        old.unlink()
+    paths = []
+    with SummaryWriter(str(out_dir)) as writer:
+        for tag, value in (scalars or {}).items():
+            writer.add_scalar(tag, value)
+        for tag, fig in figures:
+            path = out_dir / f"{tag.replace('/', '_')}.png"
+            fig.savefig(path, dpi=dpi)
+            writer.add_figure(tag, fig)  # and closes it
+            paths.append(path)
+    return paths

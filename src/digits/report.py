@@ -6,12 +6,13 @@ Never imported by training: it only reads what runs wrote (metrics.json, .hydra/
 import csv
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from digits.figures import plt  # headless backend chosen there
+from digits.figures import Figure, plt, save_figures  # headless backend chosen there
 
 COLUMNS = (
     "run", "model", "params", "optimizer", "lr", "batch", "epochs", "weight_decay", "seed", "device",
@@ -68,7 +69,7 @@ def swept_keys(runs: list[Path]) -> list[str]:
     return sorted(k for k, v in values.items() if len(v) > 1 and k != "seed")
 
 
-def error_bar_plot(runs: list[Path], key: str, out: Path, metric: str = "test_acc") -> Path:
+def error_bar_plot(runs: list[Path], key: str, metric: str = "test_acc") -> Figure:
     """`metric` against one swept key: mean ± std over the seeds (and any other swept keys)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for run in runs:
@@ -86,13 +87,10 @@ def error_bar_plot(runs: list[Path], key: str, out: Path, metric: str = "test_ac
     ax.set_ylabel(f"{metric} (mean ± std, n={min(len(v) for v in groups.values())}+)")
     ax.set_title(f"{metric} against {key}")
     fig.tight_layout()
-    path = out / f"errorbars_{key.replace('/', '_')}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def learning_curves(run: Path, out: Path, name: str) -> Path | None:
+def learning_curves(run: Path, name: str) -> Figure | None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
@@ -112,17 +110,14 @@ def learning_curves(run: Path, out: Path, name: str) -> Path | None:
         ax.legend()
     fig.suptitle(name, fontsize=8)
     fig.tight_layout()
-    path = out / f"curves_{name.replace('/', '_')}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def optuna_plots(root: Path, out: Path) -> list[Path]:
+def optuna_plots(root: Path) -> Iterator[tuple[str, Figure]]:
+    """Optimisation history and parameter importances of every study in the sqlite storages below `root`."""
     import optuna
     from optuna.visualization import matplotlib as optuna_plt
 
-    written = []
     for db in root.rglob("optuna.db"):
         storage = f"sqlite:///{db}"
         for summary in optuna.get_all_study_summaries(storage):
@@ -134,16 +129,22 @@ def optuna_plots(root: Path, out: Path) -> list[Path]:
                 plots["importances"] = optuna_plt.plot_param_importances
             for kind, plot in plots.items():
                 ax = plot(study)
-                path = out / f"optuna_{study.study_name}_{kind}.png"
                 ax.figure.tight_layout()
-                ax.figure.savefig(path, dpi=100)
-                plt.close(ax.figure)
-                written.append(path)
-    return written
+                yield f"optuna/{study.study_name}_{kind}", ax.figure
+
+
+def report_figures(root: Path, runs: list[Path], rows: list[dict[str, Any]]) -> Iterator[tuple[str, Figure]]:
+    """Learning curves per run, error bars per swept key, then the Optuna studies' plots, made one at a time."""
+    for run, row in zip(runs, rows, strict=True):
+        if fig := learning_curves(run, row["run"]):
+            yield f"curves/{row['run']}", fig
+    for key in swept_keys(runs):
+        yield f"errorbars/{key}", error_bar_plot(runs, key)
+    yield from optuna_plots(root)
 
 
 def report(root: Path, out: Path | None = None) -> dict[str, Any]:
-    """Write report.md, runs.csv and the figures into `out` (default `<root>/report`)."""
+    """Write report.md, runs.csv and the figures (PNGs and TensorBoard images) into `out` (default `<root>/report`)."""
     runs = find_runs(root)
     out = out or root / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -152,9 +153,7 @@ def report(root: Path, out: Path | None = None) -> dict[str, Any]:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
-    figures = [p for run, row in zip(runs, rows, strict=True) if (p := learning_curves(run, out, row["run"]))]
-    figures += [error_bar_plot(runs, key, out) for key in swept_keys(runs)]
-    figures += optuna_plots(root, out)
+    figures = save_figures(report_figures(root, runs, rows), out, dpi=100)
     text = f"# Runs under {root}\n\n{markdown_table(rows)}\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
     (out / "report.md").write_text(text)
     return {"runs": rows, "figures": figures, "out": out}
@@ -214,17 +213,18 @@ def results_table(root: Path) -> str:
             overrides = overrides_of(run)
             variant = ", ".join(f"{k}={overrides.get(k, '(preset)')}" for k in keys)
             groups[experiment, data, variant].append(run_row(run, root))
-    header = ("experiment", "data", "params", "seeds", "test accuracy (mean ± std)", "best", "train s", "device",
-              "labs / reference")  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    header = ("experiment", "data", "params", "seeds", "test accuracy (mean ± std)", "best", "test error %",
+              "optimizer, lr", "epochs", "train s", "device", "labs / reference")  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|"]
     for (experiment, data, variant), rows in sorted(groups.items(), key=lambda g: (*g[0][:2], value_order(g[0][2]))):
         accs = [100 * r["test_acc"] for r in rows]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        mean, spread = statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         seconds = statistics.fmean(r["train_seconds"] for r in rows)
+        first = rows[0]
         lab = LAB_FIGURES.get((experiment, data, variant)) or LAB_FIGURES.get((experiment, data, "*"), "")
         lines.append(
-            f"| `{experiment}`{f' {variant}' if variant else ''} | {data} | {rows[0]['params']:,} | {len(rows)} | "
-            f"{statistics.fmean(accs):.2f}% ± {spread:.2f} | {max(accs):.2f}% | {seconds:.1f} | {rows[0]['device']} "
-            f"| {lab} |"
+            f"| `{experiment}`{f' {variant}' if variant else ''} | {data} | {first['params']:,} | {len(rows)} | "
+            f"{mean:.2f}% ± {spread:.2f} | {max(accs):.2f}% | {100 - mean:.2f} | {first['optimizer']}, {first['lr']} "
+            f"| {first['epochs']} | {seconds:.1f} | {first['device']} | {lab} |"
         )
     return "\n".join(lines) + "\n"
