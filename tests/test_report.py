@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import read_events, train_command
 from digits.config import ROOT
+from digits.report import verdict
 
 
 def assert_real_png(path) -> None:
@@ -92,3 +93,10 @@ def test_explore_writes_its_figures(tmp_path, data_dir):
         stats = list(csv.DictReader(f))
     assert len(stats) == 10 and sum(int(r["images"]) for r in stats) == 60_000
     assert all(0 < float(r["entropy"]) <= 8 for r in stats)
+
+
+def test_verdict_compares_the_mean_with_the_labs_and_the_bar():
+    assert verdict(99.07, 98.94, 99.1) == "✓ labs 98.94%, ✗ bar ≥ 99.1%"
+    assert verdict(99.6, None, 99.6) == "✓ bar ≥ 99.6%"
+    assert verdict(92.6, 92.6, None) == "✗ labs 92.6%"  # a tie does not beat the labs
+    assert verdict(97.0, None, None) == ""
