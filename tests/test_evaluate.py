@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import read_events, run_train
 from digits.config import ROOT
 from digits.data import MNISTDataModule
+from digits.evaluate import frame
 
 
 def run_script(script: str, *args: str, log_dir: Path) -> subprocess.CompletedProcess:
@@ -76,15 +77,20 @@ def test_predict_on_a_png_matches_the_tensor_and_reports_bad_files(trained, data
     raw = MNISTDataModule(data_dir=data_dir).dataset_cls(str(data_dir), train=False).data
     Image.fromarray(raw[0].numpy()).save(tmp_path / "digit.png")
     Image.fromarray(255 - raw[0].numpy()).resize((140, 140)).save(tmp_path / "paper.jpg")  # black on white
+    # a small digit in the corner of a grey sheet, as a phone photo would hold it: framed as MNIST was
+    sheet = Image.new("L", (400, 300), 190)
+    sheet.paste(Image.fromarray((190 - raw[0].int() * 190 // 255).byte().numpy()).resize((56, 56)), (320, 220))
+    sheet.save(tmp_path / "sheet.png")
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
-    inputs = f"inputs=[{tmp_path}/digit.png,{tmp_path}/paper.jpg,{tmp_path}/notes.txt,{tmp_path}/empty.png]"
+    names = ("digit.png", "paper.jpg", "sheet.png", "notes.txt", "empty.png")
+    inputs = "inputs=[" + ",".join(str(tmp_path / name) for name in names) + "]"
     done = run_script("predict.py", f"ckpt_path={ckpt}", "test_index=0", inputs, "--json", log_dir=log_dir)
     assert done.returncode == 1  # some inputs failed; the others still got answers
     rows = {Path(r["input"]).name: r for r in json.loads(done.stdout)}
     assert rows["digit.png"]["label"] == rows["test[0]"]["label"]
     assert rows["digit.png"]["probability"] == pytest.approx(rows["test[0]"]["probability"], abs=1e-4)
-    assert rows["paper.jpg"]["label"] == rows["test[0]"]["label"]
+    assert rows["paper.jpg"]["label"] == rows["sheet.png"]["label"] == rows["test[0]"]["label"]
     assert "not a readable image" in rows["notes.txt"]["error"]
     assert "the file is empty" in rows["empty.png"]["error"]
 
@@ -93,3 +99,16 @@ def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
     done = run_script("eval.py", f"ckpt_path={tmp_path}/none.ckpt", log_dir=tmp_path / "logs")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ckpt_path=")
+
+
+@pytest.mark.parametrize(("box", "by_mass"), [(20, True), (28, False)])
+def test_frame_scales_the_ink_box_and_centres_it(box, by_mass):
+    photo = torch.full((300, 400), 0.2)  # ink 0.9 on a 0.2 background, 60 tall and 30 wide, off in a corner
+    photo[200:260, 330:360] = 0.9
+    x = frame(photo, 0.2, box, by_mass)
+    rows, cols = (x > 0.5).nonzero(as_tuple=True)
+    assert x.shape == (28, 28) and x.min() == 0 and x.max() == pytest.approx(1)
+    assert rows.max() - rows.min() + 1 == box and cols.max() - cols.min() + 1 == box // 2  # aspect kept
+    centre = (rows.float().mean().item(), cols.float().mean().item())
+    assert centre == (pytest.approx(13.5, abs=0.6), pytest.approx(13.5, abs=0.6))
+    assert frame(torch.full((50, 50), 0.3), 0.3, box, by_mass).abs().sum() == 0  # no ink: a blank canvas

@@ -124,6 +124,10 @@ class DigitsDataModule(L.LightningDataModule):
     dataset_cls: type[MNIST]
     mean: float
     std: float
+    # how the dataset's makers framed each object in 28×28: its bounding box scaled to fit this side,
+    # centred by centre of mass (or by the box); predict.py frames outside images the same way
+    frame_box: int
+    frame_by_mass: bool
     train_pool = 60_000  # official training images, from which train and val are drawn
 
     def __init__(
@@ -257,11 +261,13 @@ class DigitsDataModule(L.LightningDataModule):
 class MNISTDataModule(DigitsDataModule):
     dataset_cls = MNIST
     mean, std = 0.1307, 0.3081
+    frame_box, frame_by_mass = 20, True
 
 
 class FashionMNISTDataModule(DigitsDataModule):
     dataset_cls = FashionMNIST
     mean, std = 0.2860, 0.3530
+    frame_box, frame_by_mass = 28, False
 
 
 def _check_count(name: str, value: Any) -> None:

@@ -7,10 +7,12 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from digits.config import build
+from digits.data import DigitsDataModule
 from digits.errors import DigitsError
 from digits.module import Classifier
 from digits.train import build_module, check_checkpoint, device_name, write_json
@@ -118,8 +120,12 @@ def per_class_table(report: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def image_to_tensor(path: str | Path, mean: float, std: float) -> torch.Tensor:
-    """Any image file as the model saw its training data: grayscale 28×28, white digit on black, normalised."""
+def image_to_tensor(path: str | Path, datamodule: DigitsDataModule) -> torch.Tensor:
+    """Any image file as the model saw its training data: 1×1×28×28, white on black, normalised.
+
+    A 28×28 image is taken as it is (the datasets' own format); any other size is framed the way
+    the dataset's own images were (`frame`).
+    """
     try:
         data = Path(path).read_bytes()
         if not data:
@@ -129,24 +135,43 @@ def image_to_tensor(path: str | Path, mean: float, std: float) -> torch.Tensor:
     except (UnidentifiedImageError, OSError) as err:
         raise DigitsError(f"{path}: not a readable image ({type(err).__name__})") from None
     gray = image.convert("L")
-    side = max(gray.size)
-    square = Image.new("L", (side, side), color=_background(gray))
-    square.paste(gray, ((side - gray.width) // 2, (side - gray.height) // 2))
-    pixels = torch.frombuffer(
-        bytearray(square.resize((28, 28), Image.Resampling.BILINEAR).tobytes()), dtype=torch.uint8
-    )
-    x = pixels.view(1, 1, 28, 28).float() / 255
-    if _background(gray) > 127:  # dark ink on light paper: flip to MNIST's white on black
-        x = 1 - x
-    return (x - mean) / std
+    x = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(gray.height, gray.width).float() / 255
+    paper = _border_median(x)
+    if paper > 0.5:  # dark ink on light paper: flip to MNIST's white on black
+        x, paper = 1 - x, 1 - paper
+    if x.shape != (28, 28):
+        x = frame(x, paper, datamodule.frame_box, datamodule.frame_by_mass)
+    return ((x - datamodule.mean) / datamodule.std).view(1, 1, 28, 28)
 
 
-def _background(gray: Image.Image) -> int:
-    """The median of the border pixels: the paper's colour."""
-    w, h = gray.size
-    px = gray.load()
-    border = [px[x, y] for x in range(w) for y in (0, h - 1)] + [px[x, y] for y in range(h) for x in (0, w - 1)]
-    return sorted(border)[len(border) // 2]
+def frame(x: torch.Tensor, paper: float, box: int, by_mass: bool) -> torch.Tensor:
+    """White-on-black ink as the datasets framed theirs: the paper's tone taken off and the ink stretched to
+    full contrast, its bounding box scaled to fit `box`×`box` (aspect kept), then placed on a 28×28 canvas,
+    centred by its centre of mass (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28)."""
+    ink = ((x - paper) / max(x.max().item() - paper, 1e-6)).clamp(0, 1)
+    rows, cols = (ink > 0.1).nonzero(as_tuple=True)
+    if not len(rows):
+        return torch.zeros(28, 28)
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = box / max(ink.shape)
+    h, w = (max(1, round(side * scale)) for side in ink.shape)
+    ink = F.interpolate(ink[None, None], size=(h, w), mode="area" if scale < 1 else "bilinear")[0, 0]
+    top, left = (28 - h) // 2, (28 - w) // 2
+    if by_mass:
+        mass = ink.sum().clamp(min=1e-6)
+        cy = (ink.sum(1) * torch.arange(h)).sum() / mass
+        cx = (ink.sum(0) * torch.arange(w)).sum() / mass
+        top = min(max(round(13.5 - cy.item()), 0), 28 - h)
+        left = min(max(round(13.5 - cx.item()), 0), 28 - w)
+    canvas = torch.zeros(28, 28)
+    canvas[top : top + h, left : left + w] = ink
+    return canvas
+
+
+def _border_median(x: torch.Tensor) -> float:
+    """The median of the border pixels: the paper's tone."""
+    border = torch.cat([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])
+    return border.median().item()
 
 
 @torch.no_grad()
@@ -188,7 +213,7 @@ def run_predict(cfg: DictConfig) -> list[dict[str, Any]]:
             rows.append({"input": f"test[{i}]", **row, "true": names[int(labels[i])]})
     for path in cfg.inputs or []:
         try:
-            image = image_to_tensor(path, datamodule.mean, datamodule.std)
+            image = image_to_tensor(path, datamodule)
         except DigitsError as err:
             rows.append({"input": str(path), "error": str(err)})
             continue
