@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digits.config import CONF_DIR, ROOT
@@ -77,3 +78,12 @@ def read_events(log_dir: Path) -> EventAccumulator:
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     return events
+
+
+def assert_real_png(path: Path) -> None:
+    """A valid PNG of a readable size that is not a blank canvas."""
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 200
+        assert len(set(image.convert("L").getdata())) > 10

@@ -4,19 +4,9 @@ import csv
 import subprocess
 import sys
 
-from PIL import Image
-
-from conftest import read_events, train_command
+from conftest import assert_real_png, read_events, train_command
 from digits.config import ROOT
 from digits.report import verdict
-
-
-def assert_real_png(path) -> None:
-    with Image.open(path) as image:
-        image.verify()
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 200
-        assert len(set(image.convert("L").getdata())) > 10  # not a blank canvas
 
 
 def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):

@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import train_command
+from conftest import assert_real_png, read_events, train_command
+from digits.config import ROOT
 
 TINY = ["model=mlp", "data.train_size=256", "data.val_size=256", "trainer.max_epochs=1"]
 
@@ -75,6 +77,17 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
     assert summary["best_value"] == pytest.approx(study.best_value)
     assert summary["best_overrides"].startswith("model=mlp ")
     assert f"model.hidden_size={study.best_params['model.hidden_size']}" in summary["best_overrides"]
+
+    sweep_dir = log_dir / "sweeps" / "mlp_optuna_mnist"
+    report = [sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep_dir)]
+    done = subprocess.run(report, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for kind in ("history", "importances"):
+        assert_real_png(sweep_dir / "report" / f"optuna_mlp_optuna_mnist_{kind}.png")
+    assert len((sweep_dir / "report" / "runs.csv").read_text().splitlines()) == 1 + 4
+    assert {"optuna/mlp_optuna_mnist_history", "optuna/mlp_optuna_mnist_importances"} <= set(
+        read_events(sweep_dir / "report").Tags()["images"]
+    )
 
 
 def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, data_dir):
