@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from digits.data import DeviceLoader, EpochSampler, random_flip, random_translate
+from digits.data import DeviceLoader, EpochSampler, random_flip, random_rotate_zoom, random_translate
 from digits.train import train
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -95,6 +95,39 @@ def test_random_translate_moves_each_image_within_the_shift():
     assert len({tuple(p) for p in where.tolist()}) > 10  # shifts differ between images
     again = random_translate(images, 2, fill=-1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(moved, again)
+
+
+def bar_angles_and_lengths(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's ink as a bar: the angle of its main axis in degrees, and its length (4 × that axis' std)."""
+    ink = (images[:, 0] + 1).clamp(min=0)
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    mass = ink.sum((1, 2))
+    my, mx = (ink * ys).sum((1, 2)) / mass, (ink * xs).sum((1, 2)) / mass
+    dy, dx = ys - my[:, None, None], xs - mx[:, None, None]
+    cyy, cxx, cxy = ((ink * d).sum((1, 2)) / mass for d in (dy * dy, dx * dx, dx * dy))
+    angles = torch.rad2deg(0.5 * torch.atan2(2 * cxy, cxx - cyy))
+    major = 0.5 * (cxx + cyy) + ((0.5 * (cxx - cyy)) ** 2 + cxy**2).sqrt()
+    return angles, 4 * major.sqrt()
+
+
+def test_random_rotate_zoom_turns_and_scales_each_image_about_the_centre():
+    images = torch.full((128, 1, 28, 28), -1.0)
+    images[:, 0, 13:15, 4:24] = 2.0  # a horizontal bar through the centre, 20 pixels long
+    angle0, length0 = bar_angles_and_lengths(images)
+
+    def augment(degrees: float, zoom: float) -> torch.Tensor:
+        return random_rotate_zoom(images, degrees, zoom, fill=-1.0, generator=torch.Generator().manual_seed(0))
+
+    assert torch.allclose(augment(0, 0), images, atol=1e-5)
+    turned = augment(30, 0)
+    assert torch.equal(turned, augment(30, 0)) and (turned[:, 0, 0, 0] == -1).all()  # seeded; background kept
+    angles, lengths = bar_angles_and_lengths(turned)
+    assert angles.abs().max() <= 31 and angles.std() > 10  # each image its own angle within ±30°
+    assert torch.allclose(lengths, length0, rtol=0.1)
+    _, lengths = bar_angles_and_lengths(augment(0, 0.2))
+    ratio = lengths / length0
+    assert ratio.min() >= 0.78 and ratio.max() <= 1.22 and ratio.std() > 0.05  # scaled by 0.8 to 1.2
+    assert torch.allclose(bar_angles_and_lengths(augment(0, 0.2))[0], angle0, atol=1)
 
 
 def test_random_flip_mirrors_about_half_the_images_and_nothing_else():

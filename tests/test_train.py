@@ -19,7 +19,7 @@ def test_fast_dev_run_every_model_and_dataset(make_cfg, model, data):
 
 
 def test_torch_dataloader_path_trains(make_cfg):
-    augmented = ("data.translate=2", "data.flip=true")
+    augmented = ("data.translate=2", "data.rotate=10", "data.zoom=0.1", "data.flip=true")
     metrics = train(make_cfg("data.loader=torch", "debug=fast", "data.batch_size=32", *augmented))
     assert metrics["params"] == 44_426
 
@@ -96,6 +96,7 @@ BAD_INPUTS = {
     "data.val_size=70000": "data.val_size=70000 is not allowed; expected a count from 1 to 59999",
     "optimizer=lbfgs": "error: optimizer='lbfgs' is not allowed; expected one of ['adadelta',",
     "data.flip=sideways": "data.flip='sideways' is not allowed; expected true or false",
+    "data.zoom=0.9": "data.zoom=0.9 is not allowed; expected a scale range from 0 (off) to 0.5",
     "data=cifar,mnist": "error: data='cifar' is not allowed; expected one of ['fashion', 'mnist']",
 }
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import MNIST, FashionMNIST
@@ -65,6 +66,20 @@ def random_translate(images: torch.Tensor, shift: int, fill: float, generator: t
     return padded[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
+def random_rotate_zoom(
+    images: torch.Tensor, degrees: float, zoom: float, fill: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Turn each image by its own angle in [-degrees, degrees] and scale it by a factor in [1 - zoom, 1 + zoom]
+    about its centre (bilinear), filling with the background value."""
+    turn, scale = torch.rand(2, len(images), device=images.device, generator=generator) * 2 - 1
+    angle, factor = turn * math.radians(degrees), 1 + scale * zoom
+    cos, sin, zero = angle.cos() / factor, angle.sin() / factor, torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # grid_sample fills with zeros: sample the images offset so that their background is zero
+    return F.grid_sample(images - fill, grid, align_corners=False) + fill
+
+
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
     mirrored = torch.rand(len(images), device=images.device, generator=generator) < 0.5
@@ -87,11 +102,13 @@ class DeviceLoader:
         batch_size: int,
         sampler: EpochSampler,
         translate: int = 0,
+        rotate: float = 0.0,
+        zoom: float = 0.0,
         flip: bool = False,
         fill: float = 0.0,
     ):
         self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
-        self.translate, self.flip, self.fill = translate, flip, fill
+        self.translate, self.rotate, self.zoom, self.flip, self.fill = translate, rotate, zoom, flip, fill
         self.served, self.resume_at = 0, 0
 
     def __len__(self) -> int:
@@ -106,6 +123,8 @@ class DeviceLoader:
             images = self.images[batch]
             if self.translate:
                 images = random_translate(images, self.translate, self.fill, generator)
+            if self.rotate or self.zoom:
+                images = random_rotate_zoom(images, self.rotate, self.zoom, self.fill, generator)
             if self.flip:
                 images = random_flip(images, generator)
             yield images, self.labels[batch]
@@ -139,6 +158,8 @@ class DigitsDataModule(L.LightningDataModule):
         eval_batch_size: int = 1_000,
         loader: str = "device",
         translate: int = 0,
+        rotate: float = 0.0,
+        zoom: float = 0.0,
         flip: bool = False,
         num_workers: int = 0,
         download: bool = True,
@@ -150,12 +171,16 @@ class DigitsDataModule(L.LightningDataModule):
         require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
         ok_shift = isinstance(translate, int) and 0 <= translate <= 8
         require(ok_shift, "translate", translate, "a shift in pixels from 0 (off) to 8")
+        ok_turn = isinstance(rotate, int | float) and not isinstance(rotate, bool) and 0 <= rotate <= 180
+        require(ok_turn, "rotate", rotate, "an angle in degrees from 0 (off) to 180")
+        ok_zoom = isinstance(zoom, int | float) and not isinstance(zoom, bool) and 0 <= zoom <= 0.5
+        require(ok_zoom, "zoom", zoom, "a scale range from 0 (off) to 0.5")
         require(isinstance(flip, bool), "flip", flip, "true or false")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.loader, self.num_workers, self.download, self.seed = loader, num_workers, download, seed
-        self.translate, self.flip = translate, flip
+        self.translate, self.rotate, self.zoom, self.flip = translate, float(rotate), float(zoom), flip
         self.n_val = _split_size("val_size", val_size, self.train_pool, upper=self.train_pool - 1)
         remaining = self.train_pool - self.n_val
         self.n_train = remaining if train_size is None else _split_size("train_size", train_size, remaining, remaining)
@@ -206,8 +231,9 @@ class DigitsDataModule(L.LightningDataModule):
         train_idx, val_idx = self.split_indices()
         if self.loader == "torch":
             tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((self.mean,), (self.std,))])
-            shift = self.translate / 28
-            augment = [transforms.RandomAffine(0, translate=(shift, shift))] if shift else []
+            shift, zoom = self.translate / 28, self.zoom
+            affine = transforms.RandomAffine(self.rotate, (shift, shift), (1 - zoom, 1 + zoom) if zoom else None)
+            augment = [affine] if shift or self.rotate or zoom else []
             augment += [transforms.RandomHorizontalFlip()] if self.flip else []
             train_tf = transforms.Compose([*augment, tf])
             train_set = self.dataset_cls(str(self.data_dir), train=True, transform=train_tf)
@@ -245,7 +271,8 @@ class DigitsDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = EpochSampler(len(data[1]), shuffle, self.seed, rank, world, even=shuffle)
         train = split == "train"
-        augment = {"translate": self.translate if train else 0, "flip": self.flip and train}
+        augment = {"translate": self.translate, "rotate": self.rotate, "zoom": self.zoom, "flip": self.flip}
+        augment = augment if train else {}
         return DeviceLoader(*data, batch_size, sampler, **augment, fill=-self.mean / self.std)
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:

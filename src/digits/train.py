@@ -67,7 +67,7 @@ def hyperparameters(cfg: DictConfig, num_parameters: int) -> dict[str, Any]:
     params |= {"seed": cfg.seed, "params": num_parameters, "max_epochs": cfg.trainer.max_epochs}
     if cfg.get("optuna") and cfg.optuna.trial is not None:
         params |= {"optuna.study": cfg.optuna.study_name, "optuna.trial": cfg.optuna.trial}
-    data_keys = ("batch_size", "val_size", "train_size", "loader", "translate", "flip")
+    data_keys = ("batch_size", "val_size", "train_size", "loader", "translate", "rotate", "zoom", "flip")
     params |= {f"data.{k}": cfg.data[k] for k in data_keys}
     for group in ("model", "optimizer"):
         params |= {f"{group}.{k}": v for k, v in cfg[group].items() if not k.startswith("_")}
