@@ -35,6 +35,9 @@ def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    for key in ("data.batch_size", "optimizer.weight_decay"):
+        assert_real_png(tmp_path / "figures" / f"mlp_8_MNIST_{key}.png")
+        assert f"](figures/mlp_8_MNIST_{key}.png)" in results.read_text()
     table = [line for line in results.read_text().splitlines() if line.startswith("| `mlp_8`")]
     assert len(table) == 4  # one row per swept pair, its two seeds folded into mean ± std
     assert table[0].startswith("| `mlp_8` data.batch_size=32, optimizer.weight_decay=1e-06 | MNIST | 6,370 | 2 |")

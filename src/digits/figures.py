@@ -59,25 +59,31 @@ def image_grid(
 
 
 def save_figures(
-    figures: Iterable[tuple[str, Figure]], out_dir: Path, scalars: dict[str, float] | None = None, dpi: int = 110
+    figures: Iterable[tuple[str, Figure]],
+    out_dir: Path,
+    scalars: dict[str, float] | None = None,
+    dpi: int = 110,
+    events: bool = True,
 ) -> list[Path]:
-    """Each (tag, figure) as a PNG (the tag with `/` as `_`) and as an image in TensorBoard events in `out_dir`,
-    beside `scalars`. Figures are closed as they are written, so a generator of many holds one at a time.
-
-    Events an earlier call left in `out_dir` are replaced, so TensorBoard shows each figure once.
+    """Each (tag, figure) as a PNG (the tag with `/` as `_`) and, with `events`, as an image in TensorBoard
+    events in `out_dir`, beside `scalars`. Figures are closed as they are written, so a generator of many
+    holds one at a time. Events an earlier call left in `out_dir` are replaced: TensorBoard shows each once.
     """
     from torch.utils.tensorboard import SummaryWriter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("events.out.tfevents.*"):
         old.unlink()
+    writer = SummaryWriter(str(out_dir)) if events else None
     paths = []
-    with SummaryWriter(str(out_dir)) as writer:
+    for tag, fig in figures:
+        paths.append(out_dir / f"{tag.replace('/', '_')}.png")
+        fig.savefig(paths[-1], dpi=dpi)
+        if writer:
+            writer.add_figure(tag, fig, close=False)
+        plt.close(fig)
+    if writer:
         for tag, value in (scalars or {}).items():
             writer.add_scalar(tag, value)
-        for tag, fig in figures:
-            path = out_dir / f"{tag.replace('/', '_')}.png"
-            fig.savefig(path, dpi=dpi)
-            writer.add_figure(tag, fig)  # and closes it
-            paths.append(path)
+        writer.close()
     return paths

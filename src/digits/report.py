@@ -69,11 +69,15 @@ def swept_keys(runs: list[Path]) -> list[str]:
     return sorted(k for k, v in values.items() if len(v) > 1 and k != "seed")
 
 
-def error_bar_plot(runs: list[Path], key: str, metric: str = "test_acc") -> Figure:
-    """`metric` against one swept key: mean ± std over the seeds (and any other swept keys)."""
+def error_bar_plot(runs: list[Path], key: str, labs: dict[str, float] | None = None, title: str = "") -> Figure:
+    """Test accuracy (%) against one swept key: mean ± std over the seeds (and any other swept keys).
+
+    `labs` adds the labs' figures (%) by value of the key, "*" for one figure across all values.
+    """
     groups: dict[str, list[float]] = defaultdict(list)
     for run in runs:
-        groups[overrides_of(run)[key]].append(OmegaConf.load(run / "metrics.json")[metric])
+        if value := overrides_of(run).get(key):
+            groups[value].append(100 * OmegaConf.load(run / "metrics.json")["test_acc"])
     try:
         order = sorted(groups, key=float)
     except ValueError:
@@ -81,11 +85,18 @@ def error_bar_plot(runs: list[Path], key: str, metric: str = "test_acc") -> Figu
     means = [statistics.fmean(groups[v]) for v in order]
     stds = [statistics.stdev(groups[v]) if len(groups[v]) > 1 else 0.0 for v in order]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(range(len(order)), means, yerr=stds, fmt="o-", capsize=4)
+    ax.errorbar(range(len(order)), means, yerr=stds, fmt="o-", capsize=4, label="digits")
+    if labs:
+        marked = [i for i, v in enumerate(order) if v in labs]
+        if marked:
+            ax.plot(marked, [labs[order[i]] for i in marked], "rx", markersize=9, label="labs")
+        if "*" in labs:
+            ax.axhline(labs["*"], color="r", linestyle="--", label=f"labs: {labs['*']}%")
+        ax.legend()
     ax.set_xticks(range(len(order)), order)
     ax.set_xlabel(key)
-    ax.set_ylabel(f"{metric} (mean ± std, n={min(len(v) for v in groups.values())}+)")
-    ax.set_title(f"{metric} against {key}")
+    ax.set_ylabel(f"test accuracy % (mean ± std, n={min(len(v) for v in groups.values())}+)")
+    ax.set_title(title or f"test accuracy against {key}")
     fig.tight_layout()
     return fig
 
@@ -134,12 +145,20 @@ def optuna_plots(root: Path) -> Iterator[tuple[str, Figure]]:
 
 
 def report_figures(root: Path, runs: list[Path], rows: list[dict[str, Any]]) -> Iterator[tuple[str, Figure]]:
-    """Learning curves per run, error bars per swept key, then the Optuna studies' plots, made one at a time."""
+    """Learning curves per run; per multirun (the runs of one folder), error bars for each key it swept with
+    replicates; then the Optuna studies' plots. Made one at a time."""
     for run, row in zip(runs, rows, strict=True):
         if fig := learning_curves(run, row["run"]):
             yield f"curves/{row['run']}", fig
-    for key in swept_keys(runs):
-        yield f"errorbars/{key}", error_bar_plot(runs, key)
+    multiruns: dict[Path, list[Path]] = defaultdict(list)
+    for run in runs:
+        multiruns[run.parent].append(run)
+    for folder, group in multiruns.items():
+        prefix = f"{folder.relative_to(root)}/" if root in folder.parents else ""
+        for key in swept_keys(group):
+            values = [overrides_of(run).get(key) for run in group]
+            if any(values.count(v) > 1 for v in values):
+                yield f"errorbars/{prefix}{key}", error_bar_plot(group, key)
     yield from optuna_plots(root)
 
 
@@ -219,16 +238,26 @@ def value_order(variant: str) -> list[tuple[str, int, float, str]]:
     return order
 
 
-def results_table(root: Path) -> str:
-    """Finished runs of presets by experiment, dataset and swept values: test accuracy as mean ± std over seeds."""
+def preset_runs(root: Path) -> dict[tuple[str, str], list[Path]]:
+    """Finished runs of `experiment=` presets by (experiment, dataset)."""
     presets: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for run in find_runs(root):
         choices = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices
         if choices.get("experiment"):
             presets[choices.experiment, OmegaConf.load(run / "metrics.json").data].append(run)
+    return dict(presets)
+
+
+def study_keys(runs: list[Path]) -> list[str]:
+    """What a preset's runs compare: its swept keys but for the preset and the dataset themselves."""
+    return [k for k in swept_keys(runs) if k not in ("experiment", "data")]
+
+
+def results_table(root: Path) -> str:
+    """Presets by experiment, dataset and swept values: test accuracy as mean ± std over seeds, with verdicts."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for (experiment, data), runs in presets.items():
-        keys = [k for k in swept_keys(runs) if k not in ("experiment", "data")]
+    for (experiment, data), runs in preset_runs(root).items():
+        keys = study_keys(runs)
         for run in runs:
             overrides = overrides_of(run)
             variant = ", ".join(f"{k}={overrides.get(k, '(preset)')}" for k in keys)
@@ -249,3 +278,29 @@ def results_table(root: Path) -> str:
             f"| {first['epochs']} | {seconds:.1f} | {first['device']} | {note} | {verdict(mean, lab, bar)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def study_figures(root: Path) -> Iterator[tuple[str, Figure]]:
+    """For each key a preset sweeps (the labs' studies): our accuracy against it, beside the labs'."""
+    for (experiment, data), runs in sorted(preset_runs(root).items()):
+        for key in study_keys(runs):
+            labs = lab_figures_by_value(experiment, data, key)
+            yield f"{experiment}_{data}_{key}", error_bar_plot(runs, key, labs, title=f"{experiment} on {data}")
+
+
+def lab_figures_by_value(experiment: str, data: str, key: str) -> dict[str, float]:
+    """The labs' accuracies (%) for a study, by the value of its swept key ("*": one for every value)."""
+    figures = {}
+    for (e, d, variant), (accuracy, _) in LAB_FIGURES.items():
+        if (e, d) == (experiment, data) and accuracy is not None and (variant == "*" or variant.startswith(f"{key}=")):
+            figures[variant.removeprefix(f"{key}=")] = accuracy
+    return figures
+
+
+def write_results(root: Path, path: Path, command: str, note: str = "") -> list[Path]:
+    """The results page: the table, then one figure per study (PNGs in `figures/` beside it)."""
+    figures = save_figures(study_figures(root), path.parent / "figures", dpi=100, events=False)
+    links = "".join(f"![{p.stem}](figures/{p.name})\n" for p in figures)
+    text = f"# Results\n\nGenerated by `{command}`.\n\n{note}{results_table(root)}"
+    path.write_text(text + (f"\n## The studies, against the labs\n\n{links}" if links else ""))
+    return figures
