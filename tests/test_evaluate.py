@@ -81,16 +81,19 @@ def test_predict_on_a_png_matches_the_tensor_and_reports_bad_files(trained, data
     sheet = Image.new("L", (400, 300), 190)
     sheet.paste(Image.fromarray((190 - raw[0].int() * 190 // 255).byte().numpy()).resize((56, 56)), (320, 220))
     sheet.save(tmp_path / "sheet.png")
+    alpha = Image.fromarray(raw[0].numpy()).resize((84, 84))  # black strokes on a transparent canvas
+    Image.merge("RGBA", (*[Image.new("L", (84, 84), 0)] * 3, alpha)).save(tmp_path / "drawn.png")
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
-    names = ("digit.png", "paper.jpg", "sheet.png", "notes.txt", "empty.png")
+    names = ("digit.png", "paper.jpg", "sheet.png", "drawn.png", "notes.txt", "empty.png")
     inputs = "inputs=[" + ",".join(str(tmp_path / name) for name in names) + "]"
     done = run_script("predict.py", f"ckpt_path={ckpt}", "test_index=0", inputs, "--json", log_dir=log_dir)
     assert done.returncode == 1  # some inputs failed; the others still got answers
     rows = {Path(r["input"]).name: r for r in json.loads(done.stdout)}
     assert rows["digit.png"]["label"] == rows["test[0]"]["label"]
     assert rows["digit.png"]["probability"] == pytest.approx(rows["test[0]"]["probability"], abs=1e-4)
-    assert rows["paper.jpg"]["label"] == rows["sheet.png"]["label"] == rows["test[0]"]["label"]
+    for name in ("paper.jpg", "sheet.png", "drawn.png"):
+        assert rows[name]["label"] == rows["test[0]"]["label"], name
     assert "not a readable image" in rows["notes.txt"]["error"]
     assert "the file is empty" in rows["empty.png"]["error"]
 

@@ -134,6 +134,8 @@ def image_to_tensor(path: str | Path, datamodule: DigitsDataModule) -> torch.Ten
         image.load()
     except (UnidentifiedImageError, OSError) as err:
         raise DigitsError(f"{path}: not a readable image ({type(err).__name__})") from None
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # drawn on a transparent sheet
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     gray = image.convert("L")
     x = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(gray.height, gray.width).float() / 255
     paper = _border_median(x)
