@@ -325,7 +325,8 @@ def test_optimizer_study_runs_each_optimizer_at_its_own_default_lr():
         for name in ("sgd", "adam", "adadelta"):
             default = compose("train", overrides=[f"optimizer={name}"]).optimizer.lr
             study = compose("train", overrides=["experiment=study_optimizers", f"optimizer={name}"])
-            assert study.get("scheduler") is None and study.model.hidden_size == 300
+            assert study.scheduler.factory._target_.endswith("CosineAnnealingLR")
+            assert list(study.model.hidden_size) == [500, 300]
             lrs[name] = (study.optimizer.lr, default)
     assert all(ours == default for ours, default in lrs.values()), lrs
     assert len({ours for ours, _ in lrs.values()}) == 3
