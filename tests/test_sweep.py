@@ -13,7 +13,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -310,9 +312,12 @@ def test_lab_study_presets_sweep_real_keys(study, key, n):
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={study}"], return_hydra_config=True)
-    values = str(cfg.hydra.sweeper.params[key]).split(",")
-    assert len(values) == n
-    assert key in cfg.hydra.runtime.choices or OmegaConf.select(cfg, key) is not None
+        values = str(cfg.hydra.sweeper.params[key]).split(",")
+        assert len(values) == n
+        assert key in cfg.hydra.runtime.choices or OmegaConf.select(cfg, key) is not None
+        for value in values:  # every point of the study builds a net that classifies a batch
+            net = instantiate(compose("train", overrides=[f"experiment={study}", f"{key}={value}"]).model)
+            assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_optimizer_study_runs_each_optimizer_at_its_own_default_lr():
