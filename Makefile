@@ -47,7 +47,7 @@ RESULTS_NOTE ?=
 results:
 	$(PY) train.py -m paths.log_dir=$(RESULTS) experiment=mnist_best,fashion_best seed=0,1,2 $(ARGS)
 	$(PY) train.py -m paths.log_dir=$(RESULTS) experiment=lenet5 data=mnist,fashion seed=0,1,2 $(ARGS)
-	$(PY) train.py -m paths.log_dir=$(RESULTS) experiment=mlp_500_300,mlp_8,mnist_fast,lab_cnn seed=0,1,2 $(ARGS)
+	$(PY) train.py -m paths.log_dir=$(RESULTS) experiment=mlp_500_300,mlp_300,mlp_64_64,mlp_512_256,mlp_8,mnist_fast,lab_cnn seed=0,1,2 $(ARGS)
 	$(PY) train.py -m paths.log_dir=$(RESULTS) experiment=keras_cnn,bn_cnn,elu_cnn seed=0,1,2 $(ARGS)
 	for study in hidden batch optimizers kernel epochs dense l2; do \
 		$(PY) train.py -m paths.log_dir=$(RESULTS) experiment=study_$$study $(ARGS) || exit 1; done

@@ -1,6 +1,7 @@
 """report.py over a real multirun, and explore.py over a real dataset."""
 
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -28,12 +29,8 @@ def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
     (multirun,) = log_dir.glob("multiruns/*")
 
     results = tmp_path / "results.md"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "report.py"), str(multirun), "--results", str(results)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    report = [sys.executable, str(ROOT / "scripts" / "report.py"), str(multirun), "--results", str(results)]
+    done = subprocess.run(report, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for key in ("data.batch_size", "optimizer.weight_decay"):
         assert_real_png(tmp_path / "figures" / f"mlp_8_MNIST_{key}.png")
@@ -55,6 +52,16 @@ def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
     images = read_events(out).Tags()["images"]
     assert {"errorbars/optimizer.weight_decay", "errorbars/data.batch_size"} <= set(images)
     assert sum(tag.startswith("curves/") for tag in images) == 8
+
+    # a run removed since: the next report drops its figure, and only what the last report wrote
+    gone = next(multirun.glob("7_*"))
+    shutil.rmtree(gone)
+    assert_real_png(out / f"curves_{gone.name}.png")
+    (out / "mine.png").write_bytes((out / "errorbars_data.batch_size.png").read_bytes())
+    done = subprocess.run(report, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(out.glob("curves_*.png"))) == 7 and not (out / f"curves_{gone.name}.png").exists()
+    assert (out / "mine.png").exists()
 
 
 def test_report_of_an_empty_dir_is_one_line(tmp_path):
