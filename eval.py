@@ -5,15 +5,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from digits.cli import run_cli
+from digits.artifacts import discarded_on_error
+from digits.cli import run_cli, task
 from digits.evaluate import evaluate, load_run, per_class_table
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@task
 def main(cfg: DictConfig) -> None:
-    run_cfg, ckpt = load_run(cfg.ckpt_path, cfg.paths)
     out_dir = Path(cfg.paths.output_dir)
-    m = evaluate(run_cfg, ckpt, out_dir)
+    with discarded_on_error(out_dir, Path(cfg.paths.log_dir)):
+        run_cfg, checkpoint = load_run(cfg.ckpt_path, cfg.paths)
+        m = evaluate(run_cfg, checkpoint, Path(cfg.ckpt_path), out_dir)
     confused = ", ".join(f"{c['true']}→{c['predicted']} ({c['count']})" for c in m["most_confused"])
     print(
         f"test accuracy {100 * m['test_acc']:.2f} % (error {m['test_error_pct']:.2f} %), loss {m['test_loss']:.4f}, "

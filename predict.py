@@ -6,11 +6,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from digits.cli import run_cli
+from digits.cli import run_cli, task
 from digits.evaluate import prediction_table, run_predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+@task
 def main(cfg: DictConfig) -> None:
     rows = run_predict(cfg)
     print(json.dumps(rows, indent=2) if cfg.format == "json" else prediction_table(rows))

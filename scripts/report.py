@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from digits.report import markdown_table, report, write_results
+from digits.report import find_runs, markdown_table, report, write_results
 
 
 def main() -> None:
@@ -16,13 +16,14 @@ def main() -> None:
     args = parser.parse_args()
     if not args.root.is_dir():
         sys.exit(f"error: {args.root} is not a directory; expected a log root or a sweep dir")
+    runs = find_runs(args.root)
+    if not runs:
+        sys.exit(f"error: no finished run (a directory with metrics.json and .hydra/) under {args.root}")
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         command = f"python scripts/report.py {args.root} --results {args.results}"
         write_results(args.root, args.results, command, f"{args.note}\n\n" if args.note else "")
-    result = report(args.root, args.out)
-    if not result["runs"]:
-        sys.exit(f"error: no finished run (a directory with metrics.json and .hydra/) under {args.root}")
+    result = report(args.root, runs, args.out)
     print(markdown_table(result["runs"]))
     print(f"{len(result['figures'])} figures, report.md and runs.csv in {result['out']}")
 

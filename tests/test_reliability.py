@@ -77,7 +77,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes(tmp_path, data_dir):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     (last,) = log_dir.glob("runs/*/*/checkpoints/last.ckpt")
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     steps_per_epoch = 10000 // 4
     assert state["global_step"] % steps_per_epoch != 0, "saved in the middle of an epoch"
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]

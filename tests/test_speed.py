@@ -179,7 +179,7 @@ def test_translation_and_bf16_autocast_compose_on_cpu(make_cfg):
 def test_compiled_model_trains_and_saves_plain_parameter_names(make_cfg, tmp_path):
     metrics = train(make_cfg("model=mlp", "compile=true", "debug=quick", "logger=none"))
     assert metrics["compiled"] and metrics["test_acc"] > 0.5
-    state = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)
 
 

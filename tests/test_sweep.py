@@ -94,7 +94,8 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
 
 def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, data_dir):
     log_dir = tmp_path / "logs"
-    cmd = sweep_cmd(log_dir, data_dir, "hydra.sweeper.n_trials=5", "trainer.max_epochs=2")
+    beat = "hydra.sweeper.heartbeat_interval=1"  # the killed sweep's trial is stale 2 s after its last beat
+    cmd = sweep_cmd(log_dir, data_dir, "hydra.sweeper.n_trials=5", "trainer.max_epochs=2", beat)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -110,12 +111,15 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, data_dir):
     before = states(load_study(log_dir))
     assert 2 <= before.get("COMPLETE", 0) < 5, before
 
-    done = run_sweep(log_dir, data_dir, "hydra.sweeper.n_trials=5", "trainer.max_epochs=2")
+    done = run_sweep(log_dir, data_dir, "hydra.sweeper.n_trials=5", "trainer.max_epochs=2", beat)
     assert done.returncode == 0, done.stderr[-3000:]
     after = load_study(log_dir)
     assert states(after).get("COMPLETE") == 5
-    # a trial the kill interrupted is failed without a reason and not counted; nothing else is
-    assert all(t.state == TrialState.COMPLETE or "fail_reason" not in t.user_attrs for t in after.trials)
+    # a trial the kill interrupted is failed without a reason, not counted, and run again with its params
+    interrupted = [t for t in after.trials if t.state != TrialState.COMPLETE]
+    assert all("fail_reason" not in t.user_attrs for t in interrupted)
+    retried = {t.system_attrs.get("failed_trial") for t in after.trials if t.state == TrialState.COMPLETE}
+    assert {t.number for t in interrupted} <= retried
     assert results(log_dir)["complete"] == 5
 
 
@@ -276,21 +280,18 @@ def test_grid_multirun_with_the_basic_sweeper(tmp_path, data_dir):
     assert len(runs) == 4
 
 
-def test_slurm_gpu_preset_composes_with_overridable_keys():
+@pytest.mark.parametrize(("trainer", "gpus"), [("default", None), ("cpu", None), ("gpu", 1), ("ddp", None)])
+def test_the_slurm_preset_asks_for_gpus_only_when_the_trainer_runs_on_them(trainer, gpus):
     from hydra import compose, initialize_config_dir
 
     from digits.config import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        overrides = [
-            "hparams_search=cnn_optuna",
-            "hydra/launcher=slurm_gpu",
-            "hydra.launcher.partition=a100",
-            "hydra.launcher.timeout_min=240",
-        ]
-        launcher = compose("train", overrides=overrides, return_hydra_config=True).hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_task) == ("a100", 240, 1)
+        overrides = ["hparams_search=cnn_optuna", "hydra/launcher=slurm", f"trainer={trainer}"]
+        cfg = compose("train", overrides=[*overrides, "hydra.launcher.partition=a100"], return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["gpus_per_task"] == gpus and launcher["partition"] == "a100"
+    assert launcher["_target_"] == "hydra_plugins.digits_optuna_sweeper.slurm_launcher.DigitsSlurmLauncher"
 
 
 LAB_STUDIES = {

@@ -1,4 +1,4 @@
-"""Callbacks the training loop always uses: epoch timing and checkpoints that survive preemption."""
+"""Callbacks the training loop always uses: epoch timing, self-describing checkpoints that survive preemption."""
 
 import time
 from pathlib import Path
@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from digits.artifacts import RECORD
 
 
 class EpochTimer(L.Callback):
@@ -58,3 +60,14 @@ class PreemptionCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+
+class RunRecord(L.Callback):
+    """Put the run's record (resolved config, dataset, package versions) into every checkpoint it saves,
+    so that a checkpoint copied anywhere can be evaluated and predicted with on its own."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RECORD] = self.record

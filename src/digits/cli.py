@@ -1,12 +1,16 @@
 """Entry points' error handling: a user's mistake ends in one line on stderr, a bug in a traceback."""
 
+import functools
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
 from digits.config import check_choices
 from digits.errors import DigitsError
@@ -18,8 +22,8 @@ def one_line(text: str) -> str:
 
 def describe(err: BaseException) -> str | None:
     """The one-line message for an error the user can fix, or None for one that is a bug."""
-    if isinstance(err, DigitsError):
-        return str(err)
+    if (mistake := _user_mistake(err)) is not None:
+        return str(mistake)
     if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
         mark = err.problem_mark
         return f"{mark.name}, line {mark.line + 1}: not valid YAML ({err.problem})"
@@ -30,15 +34,43 @@ def describe(err: BaseException) -> str | None:
     return None
 
 
+def _user_mistake(err: BaseException | None) -> DigitsError | None:
+    """A DigitsError, or one that OmegaConf or Hydra wrapped (raised inside a config resolver)."""
+    while err is not None:
+        if isinstance(err, DigitsError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+FULL_TRACES = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for tracebacks of everything
+
+
+def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """A Hydra task whose user mistakes end the process with their one line, before Hydra adds its own
+    "Error executing job" line; in a multirun they go to the sweeper, which records the job as failed."""
+
+    @functools.wraps(fn)
+    def wrapped(cfg: DictConfig) -> Any:
+        try:
+            return fn(cfg)
+        except Exception as err:
+            message = None if FULL_TRACES else describe(err)
+            if message is None or HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            raise SystemExit(f"error: {message}") from None
+
+    return wrapped
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a Hydra `main`, turning user mistakes into `error: ...` and exit code 1."""
-    full_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing, so we can judge
     try:
         check_choices(sys.argv[1:])
         main()
     except Exception as err:
-        message = None if full_traces else describe(err)
+        message = None if FULL_TRACES else describe(err)
         if message is None:
             raise
         sys.exit(f"error: {message}")

@@ -1,5 +1,7 @@
 """Glue between `conf/` and the package: resolvers the configs use, and building objects from nodes."""
 
+import math
+import os
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -9,7 +11,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from digits.errors import DigitsError, require
 
@@ -45,18 +47,109 @@ def run_name(*, _root_: DictConfig) -> str:
     return "_".join(p for p in parts if p).replace("/", "-")
 
 
+_stamp: str | None = None
+
+
+def stamp() -> str:
+    """This process's run id: the start time, SLURM's job (and array task) id where there is one, and the pid.
+
+    Two runs started in the same second, by job-array workers or from two shells, never share a dir.
+    """
+    global _stamp
+    if _stamp is None:
+        slurm = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        ids = [f"j{slurm}" + (f"_{task}" if task else "")] if slurm else []
+        _stamp = "_".join([datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), *ids, f"p{os.getpid()}"])
+    return _stamp
+
+
+# What makes a run the run it is: `ckpt_path=last` resumes only a run that agrees on every key of these
+# (where the data lives and how the files are fetched may change between machines)
+RUN_KEYS = ("seed", "model", "data", "optimizer", "scheduler", "trainer")
+NOT_RUN_KEYS = frozenset({"data.data_dir", "data.download", "data.num_workers", "trainer.default_root_dir"})
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings as dotted keys with resolved values, each leaf resolved on its own."""
+    settings: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, DictConfig):
+            for key in node:
+                walk(f"{prefix}.{key}", node._get_node(key))
+        elif prefix not in NOT_RUN_KEYS:
+            value = OmegaConf.select(cfg, prefix)
+            settings[prefix] = OmegaConf.to_container(value) if isinstance(value, ListConfig | DictConfig) else value
+
+    for key in RUN_KEYS:
+        walk(key, cfg._get_node(key) if key in cfg else None)
+    return settings
+
+
+def differing_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    keys = sorted(a.keys() | b.keys())
+    return [f"{k}: {a.get(k, '(absent)')} → {b.get(k, '(absent)')}" for k in keys if a.get(k) != b.get(k)]
+
+
+def requeued() -> bool:
+    """This process is a SLURM job started again after preemption or `scontrol requeue`: it goes on from
+    its last checkpoint as if given `ckpt_path=last`."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def resume_checkpoint(run: Path) -> Path | None:
+    """The newest checkpoint a run can go on from: last.ckpt, or SLURM's requeue checkpoint."""
+    found = [*(run / "checkpoints").glob("last*.ckpt"), *run.glob("hpc_ckpt_*.ckpt")]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def saved_settings(run: Path, checkpoint: Path) -> dict[str, Any]:
+    """The settings a run was started with: from its checkpoint's record, or its `.hydra/config.yaml`."""
+    from digits.artifacts import checkpoint_record, load_checkpoint
+
+    config = checkpoint_record(load_checkpoint(checkpoint)).get("config")
+    saved = OmegaConf.create(config) if config else OmegaConf.load(run / ".hydra" / "config.yaml")
+    return run_settings(saved)
+
+
+def resumable_run(runs: Path, cfg: DictConfig) -> Path | None:
+    """The newest unfinished run of this name with a checkpoint and exactly this command's settings."""
+    unfinished = sorted(
+        (d for d in runs.glob("*") if not (d / "metrics.json").exists() and resume_checkpoint(d)), reverse=True
+    )
+    if not unfinished:
+        return None
+    wanted = run_settings(cfg)
+    differences = {}
+    for run in unfinished:
+        differences[run] = differing_settings(saved_settings(run, resume_checkpoint(run)), wanted)
+        if not differences[run]:
+            return run
+    newest = unfinished[0]
+    raise DigitsError(
+        f"ckpt_path=last found {newest}, an unfinished run with other settings ({'; '.join(differences[newest][:4])}); "
+        "give the same settings to resume it, or leave out ckpt_path=last to start a new run"
+    )
+
+
 _run_dirs: dict[tuple[str, bool], str] = {}  # Hydra and Lightning's DDP launcher ask several times: one answer
 
 
 def run_dir(*, _root_: DictConfig) -> str:
-    """A new timestamped dir; with `ckpt_path=last`, the newest unfinished run of the same name, to go on in."""
+    """A new dir per run; with `ckpt_path=last`, the newest unfinished run of the same settings, to go on in."""
     runs = Path(_root_.paths.log_dir) / "runs" / run_name(_root_=_root_)
-    resume = _root_.get("ckpt_path") == "last"
+    resume = _root_.get("ckpt_path") == "last" or (_root_.get("ckpt_path") is None and requeued())
     if (str(runs), resume) not in _run_dirs:
-        unfinished = [d for d in runs.glob("*") if (d / "checkpoints").is_dir() and not (d / "metrics.json").exists()]
-        chosen = max(unfinished, key=lambda d: d.name) if resume and unfinished else None
-        _run_dirs[str(runs), resume] = str(chosen or runs / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        chosen = resumable_run(runs, _root_) if resume else None
+        _run_dirs[str(runs), resume] = str(chosen or runs / stamp())
     return _run_dirs[str(runs), resume]
+
+
+def _slurm_gpus(accelerator: str, devices: Any) -> int | None:
+    from hydra_plugins.digits_optuna_sweeper.slurm_launcher import slurm_gpus  # submitit only when asked for
+
+    return slurm_gpus(accelerator, devices)
 
 
 def register_resolvers() -> None:
@@ -68,6 +161,9 @@ def register_resolvers() -> None:
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
+    OmegaConf.register_new_resolver("digits.slurm_gpus", _slurm_gpus, replace=True)
+    # cached like Hydra's `now`: a launcher's jobs (other processes) inherit the sweep dir's stamp
+    OmegaConf.register_new_resolver("digits.stamp", stamp, replace=True, use_cache=True)
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -78,6 +174,42 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         if isinstance(err.__cause__, DigitsError):
             raise DigitsError(f"{key}.{err.__cause__}") from None
         raise
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Values Lightning and torch would refuse with a traceback, hang on, or accept into an untrained run."""
+    require(_is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer from 0 to 2**32 - 1")
+    epochs = cfg.trainer.get("max_epochs")
+    require(_is_int(epochs) and epochs >= 1, "trainer.max_epochs", epochs, "an integer ≥ 1")
+    lr = cfg.optimizer.get("lr")
+    ok_lr = isinstance(lr, int | float) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+    require(ok_lr, "optimizer.lr", lr, "a finite number > 0")
+    check_devices(cfg.trainer)
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """`trainer.devices` against what this machine has, before any process group starts (and waits forever)."""
+    accelerator, devices = str(trainer.get("accelerator", "auto")), trainer.get("devices", "auto")
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and not gpus:
+        raise DigitsError(
+            f"trainer.accelerator={accelerator!r} is not allowed: this machine has no CUDA GPU; use trainer=cpu"
+        )
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    have, what = (gpus, "CUDA GPUs") if on_gpu else (os.cpu_count() or 1, "CPU cores")
+    if devices in ("auto", -1, "-1"):
+        return
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, ListConfig):
+        ok = len(devices) >= 1 and all(_is_int(d) and 0 <= d < have for d in devices)
+    else:
+        ok = _is_int(devices) and 1 <= devices <= have
+    require(ok, "trainer.devices", devices, f"'auto' or 1 to {have} (this machine's {what}), or a list of device ids")
 
 
 def check_choices(args: list[str]) -> None:

@@ -200,11 +200,17 @@ class DigitsDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Fetch (when missing and allowed) and verify the official files; rank 0 only."""
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise DigitsError(f"data.data_dir={str(self.data_dir)!r} is a file; expected a directory for the datasets")
         try:
             for train in (True, False):
                 self.dataset_cls(str(self.data_dir), train=train, download=self.download)
         except RuntimeError as err:
+            if "not found" not in str(err):
+                raise DigitsError(self._describe_unreadable_data(err)) from None
             raise DigitsError(self._describe_missing_data(err)) from None
+        except (AssertionError, KeyError, ValueError, TypeError, OSError) as err:
+            raise DigitsError(self._describe_unreadable_data(err)) from None
         for filename, md5 in self.dataset_cls.resources:
             path = self.raw_dir / filename
             if path.exists() and not check_integrity(str(path), md5):
@@ -219,6 +225,14 @@ class DigitsDataModule(L.LightningDataModule):
             if not check_integrity(str(path), md5):
                 return f"{path} fails its md5 check (expected {md5}) and no good copy could be downloaded"
         return f"could not load {self.name} from {self.data_dir}: {str(err).splitlines()[0]}"
+
+    def _describe_unreadable_data(self, err: Exception) -> str:
+        extracted = sorted(f.name for f in self.raw_dir.glob("*") if f.suffix != ".gz")
+        return (
+            f"the extracted {self.name} files in {self.raw_dir} cannot be read ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'a bad header'}); delete {', '.join(extracted) or 'them'} "
+            "(keep the .gz files) to extract them again"
+        )
 
     def split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Disjoint (train, val) indices into the official training set, fixed by the seed."""

@@ -11,31 +11,38 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
+from digits.artifacts import check_weights, checkpoint_record, load_checkpoint, write_json
 from digits.config import build
 from digits.data import DigitsDataModule
 from digits.errors import DigitsError
 from digits.module import Classifier
-from digits.train import build_module, check_checkpoint, device_name, write_json
+from digits.train import build_module, device_name
 
 
-def load_run(ckpt_path: str | Path, paths: DictConfig) -> tuple[DictConfig, Path]:
-    """The config saved beside a checkpoint (`<run>/checkpoints/x.ckpt` → `<run>/.hydra/config.yaml`)."""
-    ckpt = Path(ckpt_path)
-    if not ckpt.is_file():
-        raise DigitsError(f"ckpt_path={str(ckpt_path)!r} is not allowed; expected an existing checkpoint file")
-    saved = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise DigitsError(
-            f"ckpt_path={str(ckpt_path)!r} has no {saved} beside it; expected a checkpoint of a digits run"
-        )
-    cfg = OmegaConf.load(saved)
+def load_run(ckpt_path: str | Path, paths: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """A checkpoint (loaded safely) and the config of the run that wrote it: from the checkpoint itself, or
+    for checkpoints older than that record, from the run's `.hydra/config.yaml` two folders up."""
+    checkpoint = load_checkpoint(ckpt_path)
+    config = checkpoint_record(checkpoint).get("config")
+    if config:
+        cfg = OmegaConf.create(config)
+    else:
+        saved = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+        if not saved.is_file():
+            raise DigitsError(
+                f"ckpt_path={str(ckpt_path)!r} carries no config and has no {saved} beside it; "
+                "expected a checkpoint of a digits run"
+            )
+        cfg = OmegaConf.load(saved)
     cfg.paths = paths  # this machine's data and log dirs, not those of the run's
-    return cfg, ckpt
+    cfg.data.data_dir = paths.data_dir
+    return cfg, checkpoint
 
 
-def load_model(cfg: DictConfig, ckpt: Path) -> Classifier:
+def load_model(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Path) -> Classifier:
     module = build_module(cfg)
-    module.load_state_dict(check_checkpoint(str(ckpt), module)["state_dict"])
+    check_weights(ckpt_path, checkpoint, module.state_dict())
+    module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 
 
@@ -64,12 +71,12 @@ def most_confused(confusion: torch.Tensor, class_names: list[str], k: int = 5) -
     ]
 
 
-def evaluate(cfg: DictConfig, ckpt: Path, out_dir: Path) -> dict[str, Any]:
+def evaluate(cfg: DictConfig, checkpoint: dict[str, Any], ckpt: Path, out_dir: Path) -> dict[str, Any]:
     """Test the checkpoint; write metrics, confusion matrices, the per-class report and misclassified images."""
     from digits import figures
 
     datamodule = build(cfg.data, "data")
-    module = load_model(cfg, ckpt)
+    module = load_model(cfg, checkpoint, ckpt)
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
@@ -202,9 +209,9 @@ def parse_test_index(value: Any, test_size: int) -> list[int]:
 
 def run_predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Predictions for `test_index` and `inputs`; an unreadable input gets an error row, the rest answers."""
-    run_cfg, ckpt = load_run(cfg.ckpt_path, cfg.paths)
+    run_cfg, checkpoint = load_run(cfg.ckpt_path, cfg.paths)
     datamodule = build(run_cfg.data, "data")
-    module = load_model(run_cfg, ckpt)
+    module = load_model(run_cfg, checkpoint, cfg.ckpt_path)
     names = datamodule.class_names
     rows: list[dict[str, Any]] = []
     if cfg.test_index is not None:

@@ -31,7 +31,7 @@ def _as_list(value: IntOrInts | FloatOrFloats, n: int | None = None) -> list:
 
 def _check_widths(name: str, widths: IntOrInts) -> list[int]:
     values = _as_list(widths)
-    ok = all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in values)
+    ok = len(values) >= 1 and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in values)
     require(ok, name, widths, "a positive integer or a list of them")
     return values
 

@@ -71,7 +71,7 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", sync_dist=True)
         return loss, logits, y
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -136,10 +136,6 @@ class Classifier(L.LightningModule):
             tb.experiment.add_figure("test/confusion_matrix", figures.confusion_matrix(self.confusion_matrix, names))
             if images is not None:
                 tb.experiment.add_figure("test/misclassified", figures.image_grid(images, labels, preds, names))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # MNIST and Fashion-MNIST nets have the same shapes: the dataset name tells their checkpoints apart
-        checkpoint["dataset"] = getattr(self.trainer.datamodule, "name", None)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())

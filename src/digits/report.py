@@ -4,13 +4,16 @@ Never imported by training: it only reads what runs wrote (metrics.json, .hydra/
 """
 
 import csv
+import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
 from digits.figures import Figure, plt, save_figures  # headless backend chosen there
@@ -22,9 +25,31 @@ COLUMNS = (
 CURVES = ("train/loss", "val/loss", "train/acc", "val/acc")
 
 
+METRICS = ("test_acc", "test_error_pct", "best_val_acc", "params", "epochs", "train_seconds", "device", "precision")
+
+
 def find_runs(root: Path) -> list[Path]:
-    """Every finished run below `root`: a directory holding metrics.json and its .hydra config."""
-    return sorted(p.parent for p in root.rglob("metrics.json") if (p.parent / ".hydra" / "config.yaml").is_file())
+    """Every finished run below `root` that can be read back: metrics.json and its .hydra config.
+
+    A run whose files are corrupt, empty or cut short is skipped with a warning naming it.
+    """
+    runs = []
+    for path in sorted(root.rglob("metrics.json")):
+        run = path.parent
+        if not (run / ".hydra" / "config.yaml").is_file():
+            continue
+        try:
+            metrics = json.loads(path.read_text())
+            missing = [k for k in METRICS if k not in metrics]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            OmegaConf.load(run / ".hydra" / "config.yaml")
+            OmegaConf.load(run / ".hydra" / "hydra.yaml")
+        except (OSError, ValueError, yaml.YAMLError, AttributeError) as err:
+            print(f"warning: skipping {run}: unreadable ({type(err).__name__}: {err})", file=sys.stderr)
+            continue
+        runs.append(run)
+    return runs
 
 
 def run_row(run: Path, root: Path) -> dict[str, Any]:
@@ -173,9 +198,9 @@ def write_page(page: Path, text: str, figures: list[Path]) -> None:
     page.write_text(text)
 
 
-def report(root: Path, out: Path | None = None) -> dict[str, Any]:
-    """Write report.md, runs.csv and the figures (PNGs and TensorBoard images) into `out` (default `<root>/report`)."""
-    runs = find_runs(root)
+def report(root: Path, runs: list[Path], out: Path | None = None) -> dict[str, Any]:
+    """Write report.md, runs.csv and the figures (PNGs and TensorBoard images) of `runs` into `out`
+    (default `<root>/report`)."""
     out = out or root / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = [run_row(run, root) for run in runs]

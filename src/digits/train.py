@@ -1,13 +1,8 @@
 """One training run: seed → instantiate → fit → test → metrics.json → the value a sweeper optimises."""
 
-import importlib.metadata
-import json
 import logging
 import os
-import platform
-import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +13,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from digits.callbacks import EpochTimer
-from digits.config import build
+from digits.artifacts import (
+    check_weights,
+    checkpoint_record,
+    discarded_on_error,
+    load_checkpoint,
+    package_versions,
+    write_json,
+)
+from digits.callbacks import EpochTimer, RunRecord
+from digits.config import build, check_run, requeued, resume_checkpoint
 from digits.errors import DigitsError
 from digits.module import Classifier
 from digits.trials import pruning_callback
@@ -30,7 +33,10 @@ log = logging.getLogger(__name__)
 
 
 def configure_backends() -> None:
-    """TF32 matmuls and cuDNN autotuning: free speed for fixed-shape batches on CUDA."""
+    """TF32 matmuls and cuDNN autotuning: free speed for fixed-shape batches on CUDA. Under SLURM, as many
+    CPU threads as the job was given cores, not as the node has (jobs sharing a node would fight over them)."""
+    if cores := os.environ.get("SLURM_CPUS_PER_TASK"):
+        torch.set_num_threads(int(cores))
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.benchmark = True
@@ -49,10 +55,10 @@ def build_module(cfg: DictConfig) -> Classifier:
     )
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
+def build_trainer(cfg: DictConfig, record: dict[str, Any]) -> L.Trainer:
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
-    callbacks.append(EpochTimer())
+    callbacks += [EpochTimer(), RunRecord(record)]
     if pruner := pruning_callback(cfg.get("optuna")):
         callbacks.append(pruner)
     return build(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks)
@@ -74,70 +80,55 @@ def hyperparameters(cfg: DictConfig, num_parameters: int) -> dict[str, Any]:
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
 
 
-def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """`last`: the newest last.ckpt or SLURM hpc checkpoint of this run dir (None: start afresh)."""
-    if ckpt_path != "last":
-        return ckpt_path
-    found = [*(run_dir / "checkpoints").glob("last*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    if not found:
-        log.info(f"ckpt_path=last: no checkpoint of an unfinished run in {run_dir}; starting from scratch")
-        return None
-    return str(max(found, key=os.path.getmtime))
-
-
 def check_checkpoint(path: str, module: Classifier, dataset: str | None = None) -> dict[str, Any]:
-    """A checkpoint must exist, load, hold weights of exactly this model's shapes, and come from `dataset`.
+    """A checkpoint must load safely, hold weights of exactly this model's shapes, and come from `dataset`.
 
     Returns the loaded checkpoint, so callers need not read the file again.
     """
-    if not Path(path).is_file():
-        raise DigitsError(f"ckpt_path={path!r} is not allowed; expected an existing checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint["state_dict"]
-    except Exception as err:
-        raise DigitsError(
-            f"ckpt_path={path!r} is not a readable checkpoint ({type(err).__name__}); truncated?"
-        ) from None
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found != expected:
-        diff = sorted(set(found.items()) ^ set(expected.items()))[:2]
-        raise DigitsError(f"ckpt_path={path!r} holds a different model than model=… here (first differences: {diff})")
-    trained_on = checkpoint.get("dataset")
+    checkpoint = load_checkpoint(path)
+    check_weights(path, checkpoint, module.state_dict())
+    trained_on = checkpoint_record(checkpoint).get("dataset")
     if dataset and trained_on and trained_on != dataset:
         raise DigitsError(f"ckpt_path={path!r} was trained on {trained_on}; this run's data is {dataset}")
     return checkpoint
 
 
-def package_versions() -> dict[str, str]:
-    names = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "optuna", "numpy")
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+def run_record(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """What every checkpoint of the run carries, so that it can be rebuilt and used with nothing beside it."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("optuna", None)  # which trial of which study: not needed to rebuild the model
+    return {
+        "config": config,
+        "dataset": datamodule.name,
+        "data": {"mean": datamodule.mean, "std": datamodule.std, "classes": datamodule.class_names},
+        "versions": package_versions(),
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit and test the configured model; returns the metrics also written to `metrics.json`."""
-    L.seed_everything(cfg.seed, workers=True)
+    check_run(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     configure_backends()
     run_dir = Path(cfg.paths.output_dir)
     datamodule = build(cfg.data, "data")
     module = build_module(cfg)
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir)
+    ckpt_path = cfg.get("ckpt_path") or ("last" if requeued() else None)
+    if ckpt_path == "last":
+        ckpt_path = resume_checkpoint(run_dir)
+        if ckpt_path is None:
+            log.info(f"ckpt_path=last: no unfinished run of these settings; starting {run_dir}")
     if ckpt_path:
-        check_checkpoint(ckpt_path, module, datamodule.name)
-    trainer = build_trainer(cfg)
+        check_checkpoint(str(ckpt_path), module, datamodule.name)
+        log.info(f"resuming from {ckpt_path}")
+    record = run_record(cfg, datamodule)
+    trainer = build_trainer(cfg, record)
     if trainer.is_global_zero:
-        write_json(run_dir / "versions.json", package_versions())
+        write_json(run_dir / "versions.json", record["versions"])
 
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning's is a SystemExit with code 0: a scheduler must not take it for success
         log.warning(f"stopped by SIGTERM; {run_dir}/checkpoints/last.ckpt holds the run: resume with ckpt_path=last")
         raise SystemExit(128 + signal.SIGTERM) from None
@@ -145,7 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     timer = next(cb for cb in trainer.callbacks if isinstance(cb, EpochTimer))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)[0]
     metrics = {
         "test_acc": tested["test/acc"],
         "test_error_pct": 100 * (1 - tested["test/acc"]),
@@ -189,14 +180,6 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write via a temporary file, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def summary(m: dict[str, Any], run_dir: str) -> str:
     return "\n".join(
         [
@@ -214,27 +197,11 @@ def summary(m: dict[str, Any], run_dir: str) -> str:
 def run(cfg: DictConfig) -> float:
     """The Hydra task: train, and return best val accuracy for a sweeper to maximise.
 
-    A user mistake in a single run ends with one line on stderr and no run dir left behind;
-    in a multirun it is raised, so the sweeper records the job as failed.
+    A single run that fails before it has a checkpoint leaves no run dir behind, whatever the error;
+    the entry point prints a user's mistake as one line and a bug as a traceback. In a multirun the
+    error goes to the sweeper, which records the job as failed and keeps its dir.
     """
-    try:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
         return train(cfg)["best_val_acc"]
-    except DigitsError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        discard_unfinished_run(Path(cfg.paths.output_dir), Path(cfg.paths.log_dir))
-        sys.exit(f"error: {err}")
-
-
-def discard_unfinished_run(run_dir: Path, log_root: Path) -> None:
-    """Remove a run dir that holds nothing of value (no checkpoint, no metrics), and empty parents."""
-    if run_dir.resolve() == log_root.resolve() or log_root.resolve() not in run_dir.resolve().parents:
-        return
-    if (run_dir / "metrics.json").exists() or any((run_dir / "checkpoints").glob("*.ckpt")):
-        return
-    logging.shutdown()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    for parent in run_dir.parents:
-        if parent.resolve() == log_root.resolve() or any(parent.iterdir()):
-            break
-        parent.rmdir()
+    with discarded_on_error(Path(cfg.paths.output_dir), Path(cfg.paths.log_dir)):
+        return train(cfg)["best_val_acc"]

@@ -2,6 +2,7 @@
 
 import random
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -11,12 +12,22 @@ from lightning.pytorch import Callback
 from omegaconf import DictConfig
 
 JOURNAL_PREFIX = "journal:"
+
+
+class JobsRefusedError(RuntimeError):
+    """A launcher could not start a batch of trials (a cluster refused the jobs): no trial of it ran."""
+
+
 NOP = "optuna.pruners.NopPruner"
 PRUNER_ATTR = "pruner"  # a study's user attr: the config of the pruner its sweeps chose
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.storages.BaseStorage:
-    """An SQLAlchemy URL gives an RDB storage; `journal:<path>` an append-only journal file."""
+    """An SQLAlchemy URL gives an RDB storage; `journal:<path>` an append-only journal file.
+
+    With `heartbeat_interval`, an RDB storage fails the running trials of a process that stopped beating
+    (`fail_stale_trials`) and queues each again with the same params (`RetryFailedTrialCallback`).
+    """
     if url.startswith(JOURNAL_PREFIX):
         path = Path(url.removeprefix(JOURNAL_PREFIX)).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,9 +38,14 @@ def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
     # SQLite: wait for a writer from another process instead of failing at once
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     retries = 4
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=3) if heartbeat_interval else None
     while True:
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, failed_trial_callback=retry
+                )
         except sqlalchemy.exc.SQLAlchemyError as err:
             # two processes creating a new storage's tables at once: the loser retries against the winner's
             racing = isinstance(err, sqlalchemy.exc.IntegrityError) or "already exists" in str(err)

@@ -6,9 +6,12 @@ Our own because the released hydra-optuna-sweeper pins optuna<3 and its storage 
 import logging
 import math
 import os
+import re
 import socket
+import subprocess
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +32,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from digits.trials import JOURNAL_PREFIX, PRUNER_ATTR, open_storage
+from digits.trials import JOURNAL_PREFIX, PRUNER_ATTR, JobsRefusedError, open_storage
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()
@@ -41,8 +44,15 @@ class SweepError(CompactHydraException):
 
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:
-    """Trials that ran or are running; not those a crashed sweep left behind, nor a surplus ask."""
-    return trial.state != TrialState.FAIL or FAIL_REASON in trial.user_attrs
+    """Trials that ran or are running, failed ones with their reason included; not those whose worker died
+    (queued again with the same params), not a retry still waiting, nor a surplus ask."""
+    if trial.state == TrialState.FAIL:
+        return FAIL_REASON in trial.user_attrs
+    return trial.state != TrialState.WAITING
+
+
+def budget_used(study: optuna.Study) -> int:
+    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
 
 
 def finish(study: optuna.Study, trial: optuna.Trial | int, **kwargs: Any) -> None:
@@ -57,18 +67,19 @@ def finish(study: optuna.Study, trial: optuna.Trial | int, **kwargs: Any) -> Non
 def to_distribution(override: Override) -> BaseDistribution | str:
     """`choice`, `range`, `interval`, `int(interval)` and `tag(log, ...)` as Optuna distributions."""
     key = override.get_key_element()
+    written = override.input_line.partition("=")[2] if override.input_line else key
     if not override.is_sweep_override():
         return override.get_value_element_as_str()
     if override.is_choice_sweep() or (override.is_range_sweep() and override.value().shuffle):
         choices = list(override.sweep_iterator(transformer=Transformer.encode))
         if not choices:
-            raise SweepError(f"{key}: {override.get_value_element_as_str()} has no values")
+            raise SweepError(f"{key}: {written} has no values")
         return CategoricalDistribution(choices)
     sweep = override.value()
     if override.is_range_sweep():
         values = list(override.sweep_iterator())
         if not values:
-            raise SweepError(f"{key}: {override.get_value_element_as_str()} is empty; expected start < stop")
+            raise SweepError(f"{key}: {written} is empty; expected start < stop")
         if all(isinstance(v, int) for v in values):
             return IntDistribution(values[0], values[-1], step=int(sweep.step))
         return FloatDistribution(values[0], values[-1], step=sweep.step)
@@ -91,17 +102,38 @@ def grid_values(name: str, dist: BaseDistribution) -> list[Any]:
 
 
 def redact(url: str | None) -> str:
+    """A storage URL fit for logs and errors: its password hidden, even where the URL does not parse."""
     if not url or url.startswith(JOURNAL_PREFIX):
         return str(url)
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return url
+        return re.sub(r"(//[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
-def _alive(pid: int) -> bool:
+def worker_label() -> dict[str, str]:
+    """Who runs a trial: this host and process, and the SLURM job it runs in, if any."""
+    label = {"worker": f"{HOST}:{os.getpid()}"}
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if job := f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID"):
+        label["slurm_job"] = job  # as squeue and scancel name it: <array>_<task> for a job array's task
+    return label
+
+
+def worker_alive(attrs: dict[str, Any]) -> bool:
+    """A trial's worker is alive while its SLURM job runs, or (same host) while its process does; a worker
+    on another host outside SLURM cannot be checked and counts as alive."""
+    if job := attrs.get("slurm_job"):
+        try:
+            state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return True
+        return state.returncode == 0 and state.stdout.strip() in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED")
+    host, _, pid = str(attrs.get("worker", "")).rpartition(":")
+    if host != HOST or not pid.isdigit():
+        return True
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -198,33 +230,33 @@ class DigitsOptunaSweeper(Sweeper):
             direction=self.direction,
             load_if_exists=True,
         )
-        # jobs build the study's pruner from here, to decide for themselves when to stop
-        study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(self.config.hydra.sweeper.pruner))
         if study.direction.name.lower() != self.direction:
             raise SweepError(
                 f"study {study.study_name!r} in {redact(self.storage_url)} was created to "
                 f"{study.direction.name.lower()}, this sweep asks to {self.direction}; choose another study_name"
             )
+        # jobs build the study's pruner from here, to decide for themselves when to stop
+        study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(self.config.hydra.sweeper.pruner))
         return study
 
-    def _free_abandoned_trials(self, study: optuna.Study) -> None:
-        """Fail the RUNNING trials of sweep processes that died: same host by pid, elsewhere by heartbeat."""
-        if self.rdb is not None:
-            optuna.storages.fail_stale_trials(study)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if any("worker" not in t.user_attrs for t in running):
-            time.sleep(2)  # a live sweep labels a trial milliseconds after asking; a dead one never will
-            labelled = {
-                t.number
-                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if "worker" in t.user_attrs
-            }
-        for trial in running:
-            host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-            dead = host == HOST and pid.isdigit() and not _alive(int(pid))
-            if dead or ("worker" not in trial.user_attrs and trial.number not in labelled):
-                log.info(f"trial {trial.number} was left running by a sweep that died; it does not count")
+    def _fail_dead_trials(self, study: optuna.Study) -> None:
+        """Fail the RUNNING trials of workers that died, and queue each again with the same params.
+
+        RDB storages (SQLite, PostgreSQL) use Optuna's heartbeats; a journal file has none in Optuna, so
+        there a trial's worker label is checked instead (its SLURM job, or its process on this host).
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if self.rdb is not None:
+                optuna.storages.fail_stale_trials(study)
+                return
+        if not isinstance(study._storage, optuna.storages.JournalStorage):
+            return  # in memory: no other process shares the study
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "worker" in trial.user_attrs and not worker_alive(trial.user_attrs):
+                log.info(f"trial {trial.number}: its worker died; it is failed and queued again")
                 finish(study, trial.number, state=TrialState.FAIL)
+                optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, study.trials[trial.number])
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -232,16 +264,20 @@ class DigitsOptunaSweeper(Sweeper):
         self._check_settings()
         space, fixed = self._search_space(arguments)
         study = self._open_study(space)
-        self._free_abandoned_trials(study)
         if study.get_trials(deepcopy=False):
             study.sampler.reseed_rng()  # joining or resuming: do not replay the seeded draws already made
         log.info(f"study {study.study_name!r} in {redact(self.storage_url)}: {self.n_trials} trials, {self.direction}")
         log.info("search space: " + ", ".join(f"{k} ~ {v}" for k, v in space.items()))
         finished: Counter[str] = Counter()
-        while trials := self._ask_batch(study, space):
+        while trials := self._ask_batch(study, space) or self._wait_for_other_workers(study, space):
             overrides = [self._overrides(study, trial, fixed) for trial in trials]
             with self._heartbeats(trials):
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                try:
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                except JobsRefusedError as err:
+                    for trial in trials:
+                        finish(study, trial, state=TrialState.FAIL)  # no fail_reason: never ran, never counted
+                    raise SweepError(str(err)) from None
             self.job_idx += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
                 finished[self._tell(study, trial, ret).name] += 1
@@ -253,15 +289,29 @@ class DigitsOptunaSweeper(Sweeper):
                 )
         self._write_results(study, fixed)
 
+    def _wait_for_other_workers(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> list[optuna.Trial]:
+        """The budget is spoken for: wait while other workers run the last trials, and take over any whose
+        worker dies (failed and queued again), so that the study ends with exactly n_trials."""
+        waited = False
+        while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not waited:
+                log.info("every trial is asked for; waiting for those still running elsewhere")
+                waited = True
+            time.sleep(max(1, min(self.heartbeat_interval, 10)))
+            if trials := self._ask_batch(study, space):
+                return trials
+        return []
+
     def _ask_batch(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> list[optuna.Trial]:
         """Up to n_jobs new trials, none beyond n_trials even with other sweep processes on the study."""
+        self._fail_dead_trials(study)
         batch: list[optuna.Trial] = []
         for _ in range(self.n_jobs):
-            counted = [t for t in study.get_trials(deepcopy=False) if counts_toward_budget(t)]
-            if len(counted) >= self.n_trials:
+            if budget_used(study) >= self.n_trials:
                 break
             trial = study.ask(space)
-            trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
+            for key, value in worker_label().items():
+                trial.set_user_attr(key, value)
             # another process may have asked at the same moment: the lower trial numbers win
             ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and counts_toward_budget(t)]
             if len(ahead) >= self.n_trials:
@@ -338,8 +388,12 @@ class DigitsOptunaSweeper(Sweeper):
         if states[TrialState.COMPLETE]:
             best = study.best_trial
             # a single run needs the preset's model, not the preset (which also configures the sweep)
-            preset = [f"model={self.config.hydra.runtime.choices.model}"]
             kept = [o for o in fixed if not o.startswith("hparams_search=")]
+            preset = (
+                []
+                if any(o.startswith("model=") for o in kept)
+                else [f"model={self.config.hydra.runtime.choices.model}"]
+            )
             overrides = [*preset, *kept, *(f"{k}={v}" for k, v in best.params.items())]
             results |= {
                 "best_trial": best.number,

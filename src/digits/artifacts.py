@@ -1,0 +1,109 @@
+"""What a run leaves behind and what reads it back: checkpoints (loaded without running any code in them),
+JSON files written atomically, and the versions of the packages a run used."""
+
+import importlib.metadata
+import json
+import logging
+import os
+import pickle
+import platform
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from digits.errors import DigitsError
+
+RECORD = "digits"  # the checkpoint key holding the run's resolved config, dataset and package versions
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file as plain data: tensors, numbers, strings and containers, never arbitrary objects.
+
+    `weights_only=True` refuses any pickled class or function outside torch's allow-list, so nothing in a
+    hostile file runs; our own checkpoints need nothing beyond it (a test loads one of every recipe).
+    """
+    if not Path(path).is_file():
+        raise DigitsError(f"ckpt_path={str(path)!r} is not allowed; expected an existing checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"a pickled {found.group(1)}" if found else "pickled objects"
+        raise DigitsError(
+            f"ckpt_path={str(path)!r} is refused: it holds {what}, not only weights and plain data; "
+            "nothing in it was run"
+        ) from None
+    except Exception as err:
+        what = type(err).__name__
+        raise DigitsError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({what}); truncated?") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise DigitsError(f"ckpt_path={str(path)!r} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def checkpoint_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a digits checkpoint says about its run: `config`, `dataset`, `versions` (older ones: `dataset` only)."""
+    record = checkpoint.get(RECORD)
+    if isinstance(record, dict):
+        return record
+    return {"dataset": checkpoint.get("dataset")}
+
+
+def check_weights(path: str | Path, checkpoint: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's weights have exactly the names and shapes of `state` (the model built here)."""
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
+    if found != expected:
+        diff = sorted(set(found.items()) ^ set(expected.items()))[:2]
+        raise DigitsError(
+            f"ckpt_path={str(path)!r} holds a different model than model=… here (first differences: {diff})"
+        )
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "optuna", "numpy")
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write via a temporary file, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def discarded_on_error(run_dir: Path, log_root: Path) -> Iterator[None]:
+    """Whatever goes wrong inside, a run dir holding nothing of value is removed before the error goes on."""
+    try:
+        yield
+    except BaseException:
+        discard_unfinished_run(run_dir, log_root)
+        raise
+
+
+def discard_unfinished_run(run_dir: Path, log_root: Path) -> None:
+    """Remove a run dir that holds nothing of value (no checkpoint, no metrics), and its empty parents."""
+    run_dir, log_root = run_dir.resolve(), log_root.resolve()
+    if run_dir == log_root or log_root not in run_dir.parents or not run_dir.is_dir():
+        return
+    if (run_dir / "metrics.json").exists() or any((run_dir / "checkpoints").glob("*.ckpt")):
+        return
+    logging.shutdown()  # train.log is open in this dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:
+        if parent == log_root or any(parent.iterdir()):
+            break
+        parent.rmdir()

@@ -1,0 +1,78 @@
+"""The sweeper's pure logic on in-memory studies: budget counting, search-space parsing, URL redaction."""
+
+import optuna
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.digits_optuna_sweeper.sweeper import (
+    FAIL_REASON,
+    SweepError,
+    budget_used,
+    redact,
+    to_distribution,
+    worker_alive,
+)
+
+
+def distribution(line: str):
+    return to_distribution(OverridesParser.create().parse_overrides([line])[0])
+
+
+def test_search_space_lines_become_optuna_distributions():
+    assert distribution("a=tag(log,interval(1e-6,1e-3))") == FloatDistribution(1e-6, 1e-3, log=True)
+    assert distribution("a=int(interval(16,512))") == IntDistribution(16, 512)
+    assert distribution("a=range(1,10,2)") == IntDistribution(1, 9, step=2)
+    assert distribution("a=choice(32,64)") == CategoricalDistribution((32, 64))
+    assert distribution("a=5") == "5"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("a=interval(3,1)", "interval(3.0, 1.0) is empty or inverted"),
+        ("a=tag(log,interval(0,1))", "a log-scale interval needs low > 0"),
+        ("a=range(5,1)", "is empty; expected start < stop"),
+    ],
+)
+def test_impossible_search_spaces_are_refused(line, message):
+    with pytest.raises(SweepError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        distribution(line)
+
+
+def test_the_budget_counts_what_ran_or_runs_not_what_died_or_waits():
+    study = optuna.create_study()
+    space = {"x": FloatDistribution(0, 1)}
+    done = study.ask(space)
+    study.tell(done, 0.5)
+    pruned = study.ask(space)
+    study.tell(pruned, state=TrialState.PRUNED)
+    failed = study.ask(space)
+    failed.set_user_attr(FAIL_REASON, "ValueError: a bad value")
+    study.tell(failed, state=TrialState.FAIL)
+    died = study.ask(space)  # its worker died: failed without a reason
+    study.tell(died, state=TrialState.FAIL)
+    study.ask(space)  # running
+    study.enqueue_trial({"x": 0.3})  # a retry, waiting
+    assert budget_used(study) == 4
+
+
+def test_redact_hides_the_password_even_in_a_url_that_does_not_parse():
+    assert redact("postgresql+psycopg://user:secret@db/optuna") == "postgresql+psycopg://user:***@db/optuna"
+    assert "secret" not in redact("postgresql+psycopg://user:secret@db:notaport/optuna")
+    assert redact("journal:/fs/study.log") == "journal:/fs/study.log"
+
+
+def test_a_worker_is_alive_while_its_process_runs():
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    host = socket.gethostname()
+    assert worker_alive({"worker": f"{host}:{os.getpid()}"})
+    assert not worker_alive({"worker": f"{host}:{child.pid}"})
+    assert worker_alive({"worker": f"elsewhere:{child.pid}"})  # another host: cannot tell, so alive
