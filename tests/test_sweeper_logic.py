@@ -76,3 +76,26 @@ def test_a_worker_is_alive_while_its_process_runs():
     assert worker_alive({"worker": f"{host}:{os.getpid()}"})
     assert not worker_alive({"worker": f"{host}:{child.pid}"})
     assert worker_alive({"worker": f"elsewhere:{child.pid}"})  # another host: cannot tell, so alive
+
+
+def test_a_trial_whose_worker_died_before_labelling_it_is_failed_and_queued_again(tmp_path):
+    from datetime import datetime, timedelta
+
+    from hydra_plugins.digits_optuna_sweeper.sweeper import DigitsOptunaSweeper
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=1)
+    study = optuna.create_study(storage=storage)
+    dist = {"x": FloatDistribution(0, 1)}
+    long_ago = datetime.now() - timedelta(minutes=5)
+    for _ in range(2):
+        study.add_trial(optuna.create_trial(state=TrialState.RUNNING, params={"x": 0.5}, distributions=dist))
+    orphan, labelled = study.trials
+    storage.set_trial_user_attr(labelled._trial_id, "worker", "elsewhere:1")  # alive as far as we can tell
+    with storage.engine.begin() as db:  # started five minutes ago, never beat
+        db.exec_driver_sql("UPDATE trials SET datetime_start = ?", (long_ago.isoformat(sep=" "),))
+    sweeper = DigitsOptunaSweeper.__new__(DigitsOptunaSweeper)
+    sweeper.rdb, sweeper.heartbeat_interval = storage, 1
+    sweeper._fail_dead_trials(study)
+    states = [t.state for t in study.trials]
+    assert states[:2] == [TrialState.FAIL, TrialState.RUNNING] and states[2:] == [TrialState.WAITING]
+    assert study.trials[2].params == {"x": 0.5} and study.trials[2].system_attrs["failed_trial"] == orphan.number

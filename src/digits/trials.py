@@ -26,7 +26,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
     """An SQLAlchemy URL gives an RDB storage; `journal:<path>` an append-only journal file.
 
     With `heartbeat_interval`, an RDB storage fails the running trials of a process that stopped beating
-    (`fail_stale_trials`) and queues each again with the same params (`RetryFailedTrialCallback`).
+    (`fail_stale_trials`) and queues each again with the same params (`RetryHeartbeatStaleTrialCallback`).
     """
     if url.startswith(JOURNAL_PREFIX):
         path = Path(url.removeprefix(JOURNAL_PREFIX)).expanduser()
@@ -38,13 +38,16 @@ def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
     # SQLite: wait for a writer from another process instead of failing at once
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     retries = 4
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=3) if heartbeat_interval else None
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
     while True:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, failed_trial_callback=retry
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    heartbeat_stale_trial_callback=retry,
                 )
         except sqlalchemy.exc.SQLAlchemyError as err:
             # two processes creating a new storage's tables at once: the loser retries against the winner's

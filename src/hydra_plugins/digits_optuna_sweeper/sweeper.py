@@ -15,6 +15,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -245,18 +246,24 @@ class DigitsOptunaSweeper(Sweeper):
         RDB storages (SQLite, PostgreSQL) use Optuna's heartbeats; a journal file has none in Optuna, so
         there a trial's worker label is checked instead (its SLURM job, or its process on this host).
         """
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if self.rdb is not None:
+        if self.rdb is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
-                return
-        if not isinstance(study._storage, optuna.storages.JournalStorage):
+        elif not isinstance(study._storage, optuna.storages.JournalStorage):
             return  # in memory: no other process shares the study
+        # Optuna counts a trial that never beat as alive forever: one a worker asked for and died before
+        # labelling (it labels within milliseconds) is dead once it is older than two heartbeats
+        cutoff = datetime.now() - timedelta(seconds=2 * max(self.heartbeat_interval, 1) + 5)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if "worker" in trial.user_attrs and not worker_alive(trial.user_attrs):
+            if "worker" in trial.user_attrs:
+                dead = self.rdb is None and not worker_alive(trial.user_attrs)
+            else:
+                dead = trial.datetime_start is not None and trial.datetime_start < cutoff
+            if dead:
                 log.info(f"trial {trial.number}: its worker died; it is failed and queued again")
                 finish(study, trial.number, state=TrialState.FAIL)
-                optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, study.trials[trial.number])
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[trial.number])
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -310,6 +317,8 @@ class DigitsOptunaSweeper(Sweeper):
             if budget_used(study) >= self.n_trials:
                 break
             trial = study.ask(space)
+            if self.rdb is not None and self.heartbeat_interval:
+                self.rdb.record_heartbeat(trial._trial_id)  # alive from its first moment, not from its launch
             for key, value in worker_label().items():
                 trial.set_user_attr(key, value)
             # another process may have asked at the same moment: the lower trial numbers win
