@@ -1,17 +1,11 @@
-"""Train a model: `python train.py model=cnn data=fashion` (see README, `python train.py --help`)."""
+"""`python train.py ...` from a checkout: `digits-train`, with data/ and logs/ in the checkout (README)."""
 
-import hydra
-from omegaconf import DictConfig
+import os
+from pathlib import Path
 
-from digits.cli import run_cli, task
-from digits.train import run
+os.environ.setdefault("DIGITS_ROOT", str(Path(__file__).resolve().parent))
 
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@task
-def main(cfg: DictConfig) -> float:
-    return run(cfg)
-
+from digits.entry import train
 
 if __name__ == "__main__":
-    run_cli(main)
+    train()

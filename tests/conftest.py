@@ -14,8 +14,9 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from digits.config import CONF_DIR, ROOT
+from digits.config import CONF_DIR
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DATASETS = ("MNIST", "FashionMNIST")
 

@@ -1,15 +1,13 @@
 import pytest
 import torch
 
-from digits.data import DeviceLoader, EpochSampler, FashionMNISTDataModule, MNISTDataModule
+from digits.data import DeviceLoader, EpochSampler, shipped
 from digits.errors import DigitsError
 
-MODULES = [MNISTDataModule, FashionMNISTDataModule]
 
-
-@pytest.fixture(params=MODULES, ids=["mnist", "fashion"])
+@pytest.fixture(params=["mnist", "fashion"])
 def datamodule(request, data_dir):
-    dm = request.param(data_dir=data_dir, val_size=5_000, train_size=0.5, seed=3)
+    dm = shipped(request.param, data_dir=data_dir, val_size=5_000, train_size=0.5, seed=3)
     dm.prepare_data()
     dm.setup()
     return dm
@@ -23,7 +21,7 @@ def test_splits_have_the_asked_sizes_and_are_disjoint(datamodule):
 
 
 def test_split_is_fixed_by_the_seed(data_dir):
-    a, b, c = (MNISTDataModule(data_dir=data_dir, seed=s).split_indices()[1] for s in (1, 1, 2))
+    a, b, c = (shipped("mnist", data_dir=data_dir, seed=s).split_indices()[1] for s in (1, 1, 2))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -38,13 +36,13 @@ def test_images_are_normalised_per_dataset(datamodule):
 
 
 def test_class_names_differ_between_datasets(data_dir):
-    assert MNISTDataModule(data_dir=data_dir).class_names[0].startswith("0")
-    assert FashionMNISTDataModule(data_dir=data_dir).class_names[0] == "T-shirt/top"
+    assert shipped("mnist", data_dir=data_dir).class_names[0].startswith("0")
+    assert shipped("fashion", data_dir=data_dir).class_names[0] == "T-shirt/top"
 
 
 def test_device_and_torch_loaders_serve_the_same_images(data_dir):
     device_dm, torch_dm = (
-        MNISTDataModule(data_dir=data_dir, loader=lo, eval_batch_size=256) for lo in ("device", "torch")
+        shipped("mnist", data_dir=data_dir, loader=lo, eval_batch_size=256) for lo in ("device", "torch")
     )
     for dm in (device_dm, torch_dm):
         dm.setup()
@@ -89,7 +87,7 @@ def test_device_loader_batches():
 )
 def test_bad_datamodule_arguments(kwargs, message):
     with pytest.raises(DigitsError, match=message):
-        MNISTDataModule(**kwargs)
+        shipped("mnist", **kwargs)
 
 
 def test_corrupt_archive_is_reported_by_name(data_dir, tmp_path):
@@ -99,9 +97,9 @@ def test_corrupt_archive_is_reported_by_name(data_dir, tmp_path):
         (raw / f.name).write_bytes(f.read_bytes())
     (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not a gzip file")
     with pytest.raises(DigitsError, match=r"t10k-labels-idx1-ubyte.gz fails its md5 check"):
-        MNISTDataModule(data_dir=tmp_path, download=False).prepare_data()
+        shipped("mnist", data_dir=tmp_path, download=False).prepare_data()
 
 
 def test_missing_file_without_download_is_reported_by_name(tmp_path):
     with pytest.raises(DigitsError, match=r"train-images-idx3-ubyte.gz is missing"):
-        FashionMNISTDataModule(data_dir=tmp_path, download=False).prepare_data()
+        shipped("fashion", data_dir=tmp_path, download=False).prepare_data()

@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import read_events, run_train
-from digits.config import ROOT
-from digits.data import MNISTDataModule
+from conftest import ROOT, read_events, run_train
+from digits.data import shipped
 from digits.evaluate import frame
 
 
@@ -74,7 +73,7 @@ def test_predict_on_test_images_agrees_with_the_model(trained, data_dir):
 
 def test_predict_on_a_png_matches_the_tensor_and_reports_bad_files(trained, data_dir, tmp_path):
     ckpt, _, log_dir = trained
-    raw = MNISTDataModule(data_dir=data_dir).dataset_cls(str(data_dir), train=False).data
+    raw = shipped("mnist", data_dir=data_dir).dataset_cls(str(data_dir), train=False).data
     Image.fromarray(raw[0].numpy()).save(tmp_path / "digit.png")
     Image.fromarray(255 - raw[0].numpy()).resize((140, 140)).save(tmp_path / "paper.jpg")  # black on white
     # a small digit in the corner of a grey sheet, as a phone photo would hold it: framed as MNIST was

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -35,13 +37,34 @@ def test_seed_architecture_parameter_counts(make_cfg, experiment, params):
     assert count_parameters(net) == params
 
 
-PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("study_"))
+# every preset with its trainable parameters (the labs' counts where labs.md gives one) and its dataset
+PRESETS = {
+    "bn_cnn": (900_746, "FashionMNIST"),
+    "elu_cnn": (329_962, "MNIST"),
+    "fashion_best": (330_858, "FashionMNIST"),
+    "keras_cnn": (1_199_882, "MNIST"),
+    "lab_cnn": (59_933, "MNIST"),
+    "lenet5": (44_426, "MNIST"),
+    "mlp_300": (238_510, "MNIST"),
+    "mlp_500_300": (545_810, "MNIST"),
+    "mlp_512_256": (535_818, "MNIST"),
+    "mlp_64_64": (55_050, "MNIST"),
+    "mlp_8": (6_370, "MNIST"),
+    "mnist_best": (330_858, "MNIST"),
+    "mnist_fast": (185_034, "MNIST"),
+}
 
 
-@pytest.mark.parametrize("experiment", PRESETS)
+def test_every_shipped_preset_is_listed():
+    shipped = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("study_")}
+    assert shipped == set(PRESETS)
+
+
+@pytest.mark.parametrize("experiment", sorted(PRESETS))
 def test_every_experiment_preset_trains_a_batch(make_cfg, experiment):
     metrics = train(make_cfg(f"experiment={experiment}", "debug=fast"))
-    assert metrics["data"] == ("FashionMNIST" if experiment in {"bn_cnn", "fashion_best"} else "MNIST")
+    assert (metrics["params"], metrics["data"]) == PRESETS[experiment]
+    assert math.isfinite(metrics["test_loss"])
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "cnn_bn"])

@@ -12,8 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_train, train_command
-from digits.config import ROOT
+from conftest import ROOT, run_train, train_command
 from digits.train import train
 
 # ~2,500 steps an epoch: long enough to stop a run in the middle of one

@@ -5,8 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import assert_real_png, read_events, train_command
-from digits.config import ROOT
+from conftest import ROOT, assert_real_png, read_events, train_command
 from digits.report import verdict
 
 

@@ -12,8 +12,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import read_events, train_command
-from digits.config import ROOT
+from conftest import ROOT, read_events, train_command
 
 pytestmark = pytest.mark.slurm
 SWEEP = ["-m", "hparams_search=mlp_optuna", "model=mlp", "hydra/launcher=slurm"]

@@ -21,8 +21,7 @@ from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import assert_real_png, read_events, train_command
-from digits.config import ROOT
+from conftest import ROOT, assert_real_png, read_events, train_command
 
 TINY = ["model=mlp", "data.train_size=256", "data.val_size=256", "trainer.max_epochs=1"]
 

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,16 @@ from digits.train import train
 @pytest.mark.parametrize("model", ["mlp", "cnn", "cnn_bn"])
 def test_fast_dev_run_every_model_and_dataset(make_cfg, model, data):
     metrics = train(make_cfg(f"model={model}", f"data={data}", "debug=fast"))
-    assert 0 <= metrics["test_acc"] <= 1
-    assert metrics["data"] == {"mnist": "MNIST", "fashion": "FashionMNIST"}[data]
+    # one training step from the initial weights on normalised images: near-uniform predictions over the
+    # 10 classes (unnormalised pixels, wrong labels or a wrong class count land far from ln 10)
+    assert metrics["test_loss"] == pytest.approx(math.log(10), abs=0.5)
+    assert metrics["test_mse"] == pytest.approx(0.09, abs=0.01)
 
 
 def test_torch_dataloader_path_trains(make_cfg):
-    augmented = ("data.translate=2", "data.rotate=10", "data.zoom=0.1", "data.flip=true")
-    metrics = train(make_cfg("data.loader=torch", "debug=fast", "data.batch_size=32", *augmented))
-    assert metrics["params"] == 44_426
+    augmented = ("data.translate=2", "data.rotate=10", "data.zoom=0.1")
+    metrics = train(make_cfg("model=mlp", "data.loader=torch", "debug=quick", "logger=none", *augmented))
+    assert metrics["test_acc"] > 0.7 and metrics["train_size"] == 2000  # untrained: 0.1
 
 
 def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
@@ -79,13 +82,6 @@ def test_mlp_reaches_an_accuracy_floor_on_a_fixed_seed(make_cfg):
     cfg = make_cfg("model=mlp", "data.train_size=5000", "data.val_size=1000", "trainer.max_epochs=2", "seed=0")
     metrics = train(cfg)
     assert metrics["test_acc"] > 0.90, metrics
-
-
-def test_help_lists_the_config_groups(tmp_path, data_dir):
-    done = run_train("--help", log_dir=tmp_path, data_dir=data_dir)
-    assert done.returncode == 0
-    for group in ("data: fashion, mnist", "model: cnn, cnn_bn, mlp", "optimizer: adadelta, adagrad, adam"):
-        assert group in done.stdout
 
 
 BAD_INPUTS = {

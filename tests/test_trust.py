@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import run_train, train_command
+from conftest import ROOT, run_train, train_command
 from digits.artifacts import RECORD, load_checkpoint
-from digits.config import ROOT, check_run, differing_settings, run_settings
+from digits.config import check_run, differing_settings, run_settings
 from digits.errors import DigitsError
 from digits.train import train
 

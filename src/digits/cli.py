@@ -3,7 +3,8 @@
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -52,20 +53,34 @@ def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig) -> Any:
-        try:
-            return fn(cfg)
-        except Exception as err:
-            message = None if FULL_TRACES else describe(err)
-            if message is None or HydraConfig.get().mode == RunMode.MULTIRUN:
-                raise
-            raise SystemExit(f"error: {message}") from None
+        with _hydra_full_error(FULL_TRACES):  # processes the task starts (DDP ranks, launchers) get the user's
+            try:
+                return fn(cfg)
+            except Exception as err:
+                message = None if FULL_TRACES else describe(err)
+                if message is None or HydraConfig.get().mode == RunMode.MULTIRUN:
+                    raise
+                raise SystemExit(f"error: {message}") from None
 
     return wrapped
 
 
+@contextmanager
+def _hydra_full_error(on: bool) -> Iterator[None]:
+    """HYDRA_FULL_ERROR as given (or not) by the user, inside; "1" outside, so Hydra re-raises errors for
+    `run_cli` to judge instead of printing a trimmed traceback."""
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    if on:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a Hydra `main`, turning user mistakes into `error: ...` and exit code 1."""
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing, so we can judge
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         check_choices(sys.argv[1:])
         main()

@@ -1,11 +1,14 @@
 """Glue between `conf/` and the package: resolvers the configs use, and building objects from nodes."""
 
+from __future__ import annotations
+
+import importlib.resources
 import math
 import os
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -15,8 +18,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from digits.errors import DigitsError, require
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: conf/, data/ and logs/ live here
-CONF_DIR = ROOT / "conf"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the configs ship inside the package
+
+
+def root_dir() -> str:
+    """Where `data/` and `logs/` go by default: $DIGITS_ROOT (a checkout's scripts set it to the checkout),
+    else the current directory."""
+    return os.environ.get("DIGITS_ROOT") or os.getcwd()
 
 
 def auto_precision() -> str:
@@ -37,9 +48,10 @@ def _tag(value: Any) -> str:
 def run_name(*, _root_: DictConfig) -> str:
     """A directory name that says data, model and the key hyperparameters of a run."""
     cfg, choices = _root_, _root_.hydra.runtime.choices
-    parts = [choices.get("experiment") or "", choices.data, choices.model, "h" + _tag(cfg.model.hidden_size)]
-    if "kernel_size" in cfg.model:
-        parts.append("k" + _tag(cfg.model.kernel_size))
+    parts = [choices.get("experiment") or "", choices.data, choices.model]
+    for key, tag in (("hidden_size", "h"), ("kernel_size", "k")):  # a model of one's own may have neither
+        if key in cfg.model:
+            parts.append(tag + _tag(cfg.model[key]))
     parts += [f"bs{_tag(cfg.data.batch_size)}", f"{choices.optimizer}{_tag(cfg.optimizer.lr)}"]
     if cfg.optimizer.get("weight_decay"):
         parts.append("wd" + _tag(cfg.optimizer.weight_decay))
@@ -154,7 +166,7 @@ def _slurm_gpus(accelerator: str, devices: Any) -> int | None:
 
 def register_resolvers() -> None:
     resolvers = {
-        "digits.root": lambda: str(ROOT),
+        "digits.root": root_dir,
         "digits.precision": auto_precision,
         "digits.run_name": run_name,
         "digits.run_dir": run_dir,
@@ -212,11 +224,58 @@ def check_devices(trainer: DictConfig) -> None:
     require(ok, "trainer.devices", devices, f"'auto' or 1 to {have} (this machine's {what}), or a list of device ids")
 
 
-def check_choices(args: list[str]) -> None:
-    """Name an unknown `group=option` in one line, ahead of Hydra's multi-line composition error."""
-    groups = {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in CONF_DIR.iterdir() if d.is_dir()}
+VALUED_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
+
+
+def override_args(args: list[str]) -> list[str]:
+    """The `key=value` overrides of a Hydra command line, without its flags and their values."""
+    overrides, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in VALUED_FLAGS
+        else:
+            overrides.append(arg)
+    return overrides
+
+
+def config_dirs(args: list[str]) -> list[Traversable]:
+    """The config dirs Hydra composes from: the package's, then `--config-dir` and `hydra.searchpath` ones."""
+    dirs: list[Traversable] = [importlib.resources.files("digits") / "conf"]
+    for i, arg in enumerate(args):
+        for flag in ("--config-dir", "-cd"):
+            if arg == flag and i + 1 < len(args):
+                dirs.append(Path(args[i + 1]))
+            elif arg.startswith(flag + "="):
+                dirs.append(Path(arg.split("=", 1)[1]))
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        searchpath = [a for a in override_args(args) if a.startswith("hydra.searchpath=")]
+        overrides = OverridesParser.create().parse_overrides(searchpath)
+    except HydraException:
+        overrides = []
+    for override in overrides:
+        for entry in override.value() or []:
+            scheme, _, where = str(entry).rpartition("://")
+            if scheme == "pkg":
+                package, _, sub = where.partition("/")
+                dirs.append(importlib.resources.files(package).joinpath(sub or "."))
+            else:
+                dirs.append(Path(where))
+    return dirs
+
+
+def check_choices(args: list[str]) -> None:
+    """Name an unknown `group=option` in one line, ahead of Hydra's multi-line composition error, and ahead of
+    a multirun's first job: every value of a swept group is checked before anything runs."""
+    groups: dict[str, set[str]] = {}
+    for conf in config_dirs(args):
+        for group in conf.iterdir() if conf.is_dir() else []:
+            if group.is_dir():
+                options = {f.name.removesuffix(".yaml") for f in group.iterdir() if f.name.endswith(".yaml")}
+                groups.setdefault(group.name, set()).update(options)
+    try:
+        overrides = OverridesParser.create().parse_overrides(override_args(args))
     except HydraException:
         return  # not ours to judge: Hydra reports its own syntax errors
     for override in overrides:
@@ -224,8 +283,9 @@ def check_choices(args: list[str]) -> None:
         if group not in groups or override.is_delete():
             continue
         chosen = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        allowed = sorted(groups[group])
         for value in chosen:
-            require(value is None or str(value) in groups[group], group, value, f"one of {groups[group]}")
+            require(value is None or str(value) in groups[group], group, value, f"one of {allowed}")
 
 
 register_resolvers()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
-from torchvision.datasets import MNIST, FashionMNIST
+from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity
 
 from digits.errors import DigitsError, require
@@ -138,19 +138,23 @@ class DeviceLoader:
 
 
 class DigitsDataModule(L.LightningDataModule):
-    """A torchvision digit-like dataset, split, normalised and served in batches."""
+    """A torchvision dataset in MNIST's format (28×28 grayscale IDX files: MNIST, Fashion-MNIST, KMNIST,
+    or a subclass of torchvision's `MNIST` of one's own), split, normalised and served in batches.
 
-    dataset_cls: type[MNIST]
-    mean: float
-    std: float
-    # how the dataset's makers framed each object in 28×28: its bounding box scaled to fit this side,
-    # centred by centre of mass (or by the box); predict.py frames outside images the same way
-    frame_box: int
-    frame_by_mass: bool
-    train_pool = 60_000  # official training images, from which train and val are drawn
+    `dataset` names the torchvision class; `mean` and `std` are its training images' pixel statistics;
+    `frame_box` and `frame_by_mass` say how its makers framed each object in 28×28 (the bounding box
+    scaled to fit this side, centred by centre of mass or by the box), so that predict.py frames outside
+    images the same way; `train_pool` is the size of its official training split.
+    """
 
     def __init__(
         self,
+        dataset: str | type[MNIST] = "torchvision.datasets.MNIST",
+        mean: float = 0.1307,
+        std: float = 0.3081,
+        frame_box: int = 20,
+        frame_by_mass: bool = True,
+        train_pool: int = 60_000,
         data_dir: str | Path = "data",
         batch_size: int = 128,
         val_size: int | float = 5_000,
@@ -171,12 +175,20 @@ class DigitsDataModule(L.LightningDataModule):
         require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
         ok_shift = isinstance(translate, int) and 0 <= translate <= 8
         require(ok_shift, "translate", translate, "a shift in pixels from 0 (off) to 8")
-        ok_turn = isinstance(rotate, int | float) and not isinstance(rotate, bool) and 0 <= rotate <= 180
+        ok_turn = _is_number(rotate) and 0 <= rotate <= 180
         require(ok_turn, "rotate", rotate, "an angle in degrees from 0 (off) to 180")
-        ok_zoom = isinstance(zoom, int | float) and not isinstance(zoom, bool) and 0 <= zoom <= 0.5
+        ok_zoom = _is_number(zoom) and 0 <= zoom <= 0.5
         require(ok_zoom, "zoom", zoom, "a scale range from 0 (off) to 0.5")
         require(isinstance(flip, bool), "flip", flip, "true or false")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
+        self.dataset_cls = _dataset_class(dataset)
+        require(_is_number(mean) and 0 <= mean <= 1, "mean", mean, "the pixels' mean in [0, 1]")
+        require(_is_number(std) and 0 < std <= 1, "std", std, "the pixels' standard deviation in (0, 1]")
+        ok_box = isinstance(frame_box, int) and 1 <= frame_box <= 28
+        require(ok_box, "frame_box", frame_box, "a side from 1 to 28 pixels")
+        _check_count("train_pool", train_pool)
+        self.mean, self.std, self.frame_box, self.frame_by_mass = float(mean), float(std), frame_box, frame_by_mass
+        self.train_pool = train_pool
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.loader, self.num_workers, self.download, self.seed = loader, num_workers, download, seed
@@ -299,16 +311,35 @@ class DigitsDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size, shuffle=False)
 
 
-class MNISTDataModule(DigitsDataModule):
-    dataset_cls = MNIST
-    mean, std = 0.1307, 0.3081
-    frame_box, frame_by_mass = 20, True
+def shipped(name: str, **kwargs: Any) -> DigitsDataModule:
+    """A dataset as its config in `digits/conf/data/<name>.yaml` describes it, with `kwargs` set."""
+    from omegaconf import OmegaConf
+
+    from digits.config import CONF_DIR, build
+
+    def load(name: str) -> Any:  # the file and the files its defaults list names, as Hydra merges them
+        node = OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml")
+        parents = [d for d in node.pop("defaults", []) if d != "_self_"]
+        return OmegaConf.merge(*(load(parent) for parent in parents), node)
+
+    return build(load(name), "data", **{"data_dir": "data", "seed": 0, **kwargs})
 
 
-class FashionMNISTDataModule(DigitsDataModule):
-    dataset_cls = FashionMNIST
-    mean, std = 0.2860, 0.3530
-    frame_box, frame_by_mass = 28, False
+def _dataset_class(dataset: str | type[MNIST]) -> type[MNIST]:
+    """The torchvision class a config names; it must read MNIST's IDX format (a subclass of `MNIST`)."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(dataset) if isinstance(dataset, str) else dataset
+    except Exception:
+        cls = None
+    ok = isinstance(cls, type) and issubclass(cls, MNIST)
+    require(ok, "dataset", dataset, "a torchvision dataset class in MNIST's format (MNIST, FashionMNIST, KMNIST, …)")
+    return cls
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_count(name: str, value: Any) -> None:

@@ -4,9 +4,10 @@ import csv
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from digits.data import DigitsDataModule
-from digits.figures import image_grid, plt, save_figures
+from digits.figures import image_grid, save_figures
 
 
 def image_statistics(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -30,7 +31,8 @@ def explore(datamodule: DigitsDataModule, out_dir: Path) -> list[Path]:
     first = train.data[:200].unsqueeze(1).float()
     plots = {"first_200": image_grid(first, train.targets[:200], None, [n.split(" - ")[0] for n in names], columns=20)}
 
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig = Figure(figsize=(9, 4))
+    ax = fig.subplots()
     width = 0.27
     for k, (label, targets) in enumerate(
         (("train", train.targets[train_idx]), ("val", train.targets[val_idx]), ("test", test.targets))
@@ -55,7 +57,8 @@ def explore(datamodule: DigitsDataModule, out_dir: Path) -> list[Path]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    fig = Figure(figsize=(16, 4))
+    axes = fig.subplots(1, 4)
     for ax, (key, values) in zip(axes, stats.items(), strict=True):
         ax.boxplot([values[train.targets == c].numpy() for c in range(10)], showfliers=False)
         ax.set_xticks(range(1, 11), [n.split(" - ")[0][:8] for n in names], rotation=45)

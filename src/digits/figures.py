@@ -1,12 +1,13 @@
-"""Matplotlib figures of test results, for TensorBoard and for PNG files."""
+"""Matplotlib figures of test results, for TensorBoard and for PNG files.
 
+Figures are made as `matplotlib.figure.Figure` objects, not through pyplot: no GUI backend is chosen or
+needed, and importing digits changes nothing in a user's own matplotlib session.
+"""
+
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
@@ -16,7 +17,8 @@ def confusion_matrix(counts: torch.Tensor, class_names: Sequence[str], normalize
     values = counts.double()
     if normalize:
         values = values / values.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
     im = ax.imshow(values.numpy(), cmap="Blues")
     fig.colorbar(im, ax=ax)
     n = len(class_names)
@@ -44,7 +46,8 @@ def image_grid(
 ) -> Figure:
     """Images with their true label (and prediction, when given) above each one."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), squeeze=False)
+    fig = Figure(figsize=(columns * 1.4, rows * 1.6))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= len(images):
@@ -81,7 +84,8 @@ def save_figures(
         fig.savefig(paths[-1], dpi=dpi)
         if writer:
             writer.add_figure(tag, fig, close=False)
-        plt.close(fig)
+        if pyplot := sys.modules.get("matplotlib.pyplot"):  # Optuna's plots are made through pyplot: let go of them
+            pyplot.close(fig)
     if writer:
         for tag, value in (scalars or {}).items():
             writer.add_scalar(tag, value)

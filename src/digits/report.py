@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from digits.figures import Figure, plt, save_figures  # headless backend chosen there
+from digits.figures import Figure, save_figures
 
 COLUMNS = (
     "run", "model", "params", "optimizer", "lr", "batch", "epochs", "weight_decay", "seed", "device",
@@ -110,7 +110,8 @@ def error_bar_plot(runs: list[Path], key: str, labs: dict[str, float] | None = N
         order = sorted(groups)
     means = [statistics.fmean(groups[v]) for v in order]
     stds = [statistics.stdev(groups[v]) if len(groups[v]) > 1 else 0.0 for v in order]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.errorbar(range(len(order)), means, yerr=stds, fmt="o-", capsize=4, label="digits")
     if labs:
         marked = [i for i, v in enumerate(order) if v in labs]
@@ -135,7 +136,8 @@ def learning_curves(run: Path, name: str) -> Figure | None:
     tags = [t for t in CURVES if t in events.Tags().get("scalars", [])]
     if not tags:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2)
     epochs = {e.step: e.value for e in events.Scalars("epoch")} if "epoch" in events.Tags()["scalars"] else {}
     for tag in tags:
         ax = axes[0] if tag.endswith("loss") else axes[1]
@@ -198,7 +200,7 @@ def write_page(page: Path, text: str, figures: list[Path]) -> None:
     page.write_text(text)
 
 
-def report(root: Path, runs: list[Path], out: Path | None = None) -> dict[str, Any]:
+def write_report(root: Path, runs: list[Path], out: Path | None = None) -> dict[str, Any]:
     """Write report.md, runs.csv and the figures (PNGs and TensorBoard images) of `runs` into `out`
     (default `<root>/report`)."""
     out = out or root / "report"
@@ -214,42 +216,16 @@ def report(root: Path, runs: list[Path], out: Path | None = None) -> dict[str, A
     return {"runs": rows, "figures": figures, "out": out}
 
 
-# What the labs' notebooks reported (../shared/spec/labs.md) on the same architecture, as the accuracy in %
-# our mean must beat (None: nothing to beat), with published references, per (preset, dataset, swept
-# value) for the studies, and "*" for every value of a study
-LAB_FIGURES: dict[tuple[str, str, str], tuple[float | None, str]] = {
-    ("lenet5", "MNIST", ""): (98.94, "98.94% (1.06% error); published LeNet-5: 99.05%"),
-    ("lenet5", "FashionMNIST", ""): (89.4, "89.4% (10.6% error)"),
-    ("mlp_500_300", "MNIST", ""): (96.3, "96.3% (best L2 mean); Hinton's reference 98.47%"),
-    ("mlp_8", "MNIST", ""): (92.6, "92.6%"),
-    ("keras_cnn", "MNIST", ""): (99.06, "99.06%"),
-    ("lab_cnn", "MNIST", ""): (99.17, "99.17% in 10 epochs"),
-    ("bn_cnn", "FashionMNIST", ""): (92.5, "92.3-92.5% (val, 11 epochs); published 2-conv CNN ≈ 92.5%"),
-    ("mnist_fast", "MNIST", ""): (None, "99% in 0.76 s of training on a GTX 1660 Ti (the public record)"),
-    ("mnist_best", "MNIST", ""): (None, "labs' best: a simple CNN, 99.26%"),
-    ("fashion_best", "FashionMNIST", ""): (None, "published 2-conv CNN ≈ 92.5%"),
-    **{("study_hidden", "MNIST", f"model.hidden_size={n}"): (acc, f"{acc}%")
-       for n, acc in zip((8, 16, 32, 64, 128), (92.6, 94.2, 95.8, 96.9, 97.5), strict=True)},
-    ("study_batch", "MNIST", "*"): (93.0, "92-93%"),
-    **{("study_kernel", "MNIST", f"model.kernel_size={k}"): (acc, f"{acc}%")
-       for k, acc in zip((1, 3, 5, 7, 9), (95.6, 98.2, 98.5, 98.7, 98.7), strict=True)},
-    ("study_dense", "MNIST", "model.hidden_size=16"): (97.1, "97.1%"),
-    ("study_dense", "MNIST", "model.hidden_size=512"): (98.5, "98.5%"),
-    ("study_epochs", "MNIST", "trainer.max_epochs=1"): (95.5, "95.5%"),
-    ("study_epochs", "MNIST", "trainer.max_epochs=20"): (98.8, "98.8%"),
-    ("study_l2", "MNIST", "*"): (96.3, "96.3% (the labs' best mean of the five)"),
-    ("study_optimizers", "MNIST", "optimizer=sgd"): (95.02, "95.02% (4.98% error)"),
-    ("study_optimizers", "MNIST", "optimizer=rmsprop"): (98.62, "98.62% (1.38% error)"),
-}  # fmt: skip
+LabFigures = dict[tuple[str, str, str], dict[str, Any]]
 
-# The bars issue 5 sets for the framework: mean test accuracy in % over the seeds
-BARS = {
-    ("mnist_best", "MNIST"): 99.6,
-    ("fashion_best", "FashionMNIST"): 93.5,
-    ("lenet5", "MNIST"): 99.1,
-    ("mlp_500_300", "MNIST"): 98.5,
-    ("mnist_fast", "MNIST"): 99.0,
-}
+
+def lab_references(path: Path) -> LabFigures:
+    """The labs' figures and the framework's bars by (experiment, data, variant), from a YAML file like
+    docs/labs.yaml (`variant`: a study's `key=value`, `*` for every value, absent for the preset itself)."""
+    if not path.is_file():
+        return {}
+    entries = yaml.safe_load(path.read_text())["references"]
+    return {(e["experiment"], e["data"], str(e.get("variant", ""))): e for e in entries}
 
 
 def verdict(mean: float, lab: float | None, bar: float | None) -> str:
@@ -289,7 +265,7 @@ def study_keys(runs: list[Path]) -> list[str]:
     return [k for k in swept_keys(runs) if k not in ("experiment", "data")]
 
 
-def results_table(root: Path) -> str:
+def results_table(root: Path, references: LabFigures) -> str:
     """Presets by experiment, dataset and swept values: test accuracy as mean ± std over seeds, with verdicts."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for (experiment, data), runs in preset_runs(root).items():
@@ -307,8 +283,8 @@ def results_table(root: Path) -> str:
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""  # one seed has no spread to show
         seconds = statistics.fmean(r["train_seconds"] for r in rows)
         first = rows[0]
-        lab, note = LAB_FIGURES.get((experiment, data, variant)) or LAB_FIGURES.get((experiment, data, "*"), (None, ""))
-        bar = None if variant else BARS.get((experiment, data))
+        ref = references.get((experiment, data, variant)) or references.get((experiment, data, "*"), {})
+        lab, note, bar = ref.get("labs"), ref.get("note", ""), None if variant else ref.get("bar")
         lines.append(
             f"| `{experiment}`{f' {variant}' if variant else ''} | {data} | {first['params']:,} | {len(rows)} | "
             f"{mean:.2f}%{spread} | {max(accs):.2f}% | {100 - mean:.2f} | {first['optimizer']}, {first['lr']} "
@@ -317,27 +293,30 @@ def results_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def study_figures(root: Path) -> Iterator[tuple[str, Figure]]:
+def study_figures(root: Path, references: LabFigures) -> Iterator[tuple[str, Figure]]:
     """For each key a preset sweeps (the labs' studies): our accuracy against it, beside the labs'."""
     for (experiment, data), runs in sorted(preset_runs(root).items()):
         for key in study_keys(runs):
-            labs = lab_figures_by_value(experiment, data, key)
+            labs = lab_figures_by_value(references, experiment, data, key)
             yield f"{experiment}_{data}_{key}", error_bar_plot(runs, key, labs, title=f"{experiment} on {data}")
 
 
-def lab_figures_by_value(experiment: str, data: str, key: str) -> dict[str, float]:
+def lab_figures_by_value(references: LabFigures, experiment: str, data: str, key: str) -> dict[str, float]:
     """The labs' accuracies (%) for a study, by the value of its swept key ("*": one for every value)."""
     figures = {}
-    for (e, d, variant), (accuracy, _) in LAB_FIGURES.items():
+    for (e, d, variant), ref in references.items():
+        accuracy = ref.get("labs")
         if (e, d) == (experiment, data) and accuracy is not None and (variant == "*" or variant.startswith(f"{key}=")):
             figures[variant.removeprefix(f"{key}=")] = accuracy
     return figures
 
 
 def write_results(root: Path, path: Path, command: str, note: str = "") -> list[Path]:
-    """The results page: the table, then one figure per study (PNGs in `figures/` beside it)."""
-    figures = save_figures(study_figures(root), path.parent / "figures", dpi=100, events=False)
+    """The results page: the table, then one figure per study (PNGs in `figures/` beside it), with the labs'
+    figures and the bars from `labs.yaml` beside the page."""
+    references = lab_references(path.parent / "labs.yaml")
+    figures = save_figures(study_figures(root, references), path.parent / "figures", dpi=100, events=False)
     links = "".join(f"![{p.stem}](figures/{p.name})\n" for p in figures)
-    text = f"# Results\n\nGenerated by `{command}`.\n\n{note}{results_table(root)}"
+    text = f"# Results\n\nGenerated by `{command}`.\n\n{note}{results_table(root, references)}"
     write_page(path, text + (f"\n## The studies, against the labs\n\n{links}" if links else ""), figures)
     return figures

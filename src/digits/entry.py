@@ -1,0 +1,106 @@
+"""The commands: `digits-train`, `digits-eval`, `digits-predict`, `digits-explore` and `digits-report` once
+installed; `python train.py`, `eval.py`, `predict.py`, `scripts/explore.py` and `scripts/report.py` in a
+checkout. Each Hydra app composes the configs shipped in `digits/conf` (plus `--config-dir` and
+`hydra.searchpath`, like any Hydra app)."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from digits.cli import run_cli, task
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@task
+def train_app(cfg: DictConfig) -> float:
+    from digits.train import run
+
+    return run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@task
+def eval_app(cfg: DictConfig) -> None:
+    from digits.artifacts import discarded_on_error
+    from digits.evaluate import evaluate, load_run, per_class_table
+
+    out_dir = Path(cfg.paths.output_dir)
+    with discarded_on_error(out_dir, Path(cfg.paths.log_dir)):
+        run_cfg, checkpoint = load_run(cfg.ckpt_path, cfg.paths)
+        m = evaluate(run_cfg, checkpoint, Path(cfg.ckpt_path), out_dir)
+    confused = ", ".join(f"{c['true']}→{c['predicted']} ({c['count']})" for c in m["most_confused"])
+    print(
+        f"test accuracy {100 * m['test_acc']:.2f} % (error {m['test_error_pct']:.2f} %), loss {m['test_loss']:.4f}, "
+        f"MSE {m['test_mse']:.5f} on {m['test_size']} images\nmost confused: {confused}\n"
+    )
+    print(per_class_table(m["per_class"]) + f"\nwritten to {out_dir}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+@task
+def predict_app(cfg: DictConfig) -> None:
+    from digits.evaluate import prediction_table, run_predict
+
+    rows = run_predict(cfg)
+    print(json.dumps(rows, indent=2) if cfg.format == "json" else prediction_table(rows))
+    if any("error" in r for r in rows):
+        sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="explore")
+@task
+def explore_app(cfg: DictConfig) -> None:
+    from digits.config import build
+    from digits.explore import explore
+
+    for path in explore(build(cfg.data, "data"), Path(cfg.paths.output_dir)):
+        print(path)
+
+
+def train() -> None:
+    """Train a model: `digits-train model=cnn data=fashion` (`--help` lists every group and option)."""
+    run_cli(train_app)
+
+
+def evaluate() -> None:
+    """Evaluate a checkpoint on the test set: `digits-eval ckpt_path=<file>`."""
+    run_cli(eval_app)
+
+
+def predict() -> None:
+    """Predict with a checkpoint: `digits-predict ckpt_path=<file> inputs=[a.png] test_index=0:5 [--json]`."""
+    sys.argv = ["format=json" if a == "--json" else a for a in sys.argv]
+    run_cli(predict_app)
+
+
+def explore() -> None:
+    """Look at a dataset as the labs did: `digits-explore data=mnist|fashion`."""
+    run_cli(explore_app)
+
+
+def report() -> None:
+    """One table and figures of every finished run below a dir: `digits-report logs/multiruns/<time>`."""
+    from digits.report import find_runs, markdown_table, write_report, write_results
+
+    parser = argparse.ArgumentParser(description=report.__doc__)
+    parser.add_argument("root", type=Path, help="a log root, multirun dir or sweep dir")
+    parser.add_argument("--out", type=Path, help="where to write (default: <root>/report)")
+    parser.add_argument("--results", type=Path, help="also write the per-experiment results table here (Markdown)")
+    parser.add_argument("--note", default="", help="a paragraph to put under the results table's title")
+    args = parser.parse_args()
+    if not args.root.is_dir():
+        sys.exit(f"error: {args.root} is not a directory; expected a log root or a sweep dir")
+    runs = find_runs(args.root)
+    if not runs:
+        sys.exit(f"error: no finished run (a directory with metrics.json and .hydra/) under {args.root}")
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        command = f"digits-report {args.root} --results {args.results}"
+        write_results(args.root, args.results, command, f"{args.note}\n\n" if args.note else "")
+    result = write_report(args.root, runs, args.out)
+    print(markdown_table(result["runs"]))
+    print(f"{len(result['figures'])} figures, report.md and runs.csv in {result['out']}")
