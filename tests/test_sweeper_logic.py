@@ -6,7 +6,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.digits_optuna_sweeper.sweeper import (
+from digits.sweeper import (
     FAIL_REASON,
     SweepError,
     budget_used,
@@ -81,7 +81,7 @@ def test_a_worker_is_alive_while_its_process_runs():
 def test_a_trial_whose_worker_died_before_labelling_it_is_failed_and_queued_again(tmp_path):
     from datetime import datetime, timedelta
 
-    from hydra_plugins.digits_optuna_sweeper.sweeper import DigitsOptunaSweeper
+    from digits.sweeper import OptunaSweep
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=1)
     study = optuna.create_study(storage=storage)
@@ -93,7 +93,7 @@ def test_a_trial_whose_worker_died_before_labelling_it_is_failed_and_queued_agai
     storage.set_trial_user_attr(labelled._trial_id, "worker", "elsewhere:1")  # alive as far as we can tell
     with storage.engine.begin() as db:  # started five minutes ago, never beat
         db.exec_driver_sql("UPDATE trials SET datetime_start = ?", (long_ago.isoformat(sep=" "),))
-    sweeper = DigitsOptunaSweeper.__new__(DigitsOptunaSweeper)
+    sweeper = OptunaSweep.__new__(OptunaSweep)
     sweeper.rdb, sweeper.heartbeat_interval = storage, 1
     sweeper._fail_dead_trials(study)
     states = [t.state for t in study.trials]

@@ -10,3 +10,7 @@ class DigitsError(ValueError):
 def require(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise DigitsError(f"{name}={value!r} is not allowed; expected {allowed}")
+
+
+class JobsRefusedError(RuntimeError):
+    """A launcher could not start a batch of trials (a cluster refused the jobs): no trial of it ran."""

@@ -27,7 +27,6 @@ from digits.callbacks import EpochTimer, RunRecord
 from digits.config import build, check_run, requeued, resume_checkpoint
 from digits.errors import DigitsError
 from digits.module import Classifier
-from digits.trials import pruning_callback
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,9 @@ log = logging.getLogger(__name__)
 def configure_backends() -> None:
     """TF32 matmuls and cuDNN autotuning: free speed for fixed-shape batches on CUDA. Under SLURM, as many
     CPU threads as the job was given cores, not as the node has (jobs sharing a node would fight over them)."""
+    # Lightning sets this at import: every torch.cuda.is_available() (Adam asks on each step) would dlopen
+    # NVML again on a machine without a GPU; torch's own check is cached and just as exact here
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     if cores := os.environ.get("SLURM_CPUS_PER_TASK"):
         torch.set_num_threads(int(cores))
     if torch.cuda.is_available():
@@ -59,8 +61,11 @@ def build_trainer(cfg: DictConfig, record: dict[str, Any]) -> L.Trainer:
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
     callbacks += [EpochTimer(), RunRecord(record)]
-    if pruner := pruning_callback(cfg.get("optuna")):
-        callbacks.append(pruner)
+    if cfg.get("optuna") and cfg.optuna.get("trial") is not None:  # a sweep's trial: Optuna only then
+        from digits.trials import pruning_callback
+
+        if pruner := pruning_callback(cfg.optuna):
+            callbacks.append(pruner)
     return build(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks)
 
 

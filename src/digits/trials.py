@@ -14,10 +14,6 @@ from omegaconf import DictConfig
 JOURNAL_PREFIX = "journal:"
 
 
-class JobsRefusedError(RuntimeError):
-    """A launcher could not start a batch of trials (a cluster refused the jobs): no trial of it ran."""
-
-
 NOP = "optuna.pruners.NopPruner"
 PRUNER_ATTR = "pruner"  # a study's user attr: the config of the pruner its sweeps chose
 

@@ -1,1 +1,1 @@
-"""A Hydra Sweeper on Optuna ≥ 4 (ask/tell), configured like the upstream hydra-optuna-sweeper."""
+"""Registers `hydra/sweeper=digits_optuna` (with its sampler and pruner groups) and `hydra/launcher=slurm`."""

@@ -1,0 +1,34 @@
+"""What a training process imports and sets, observed from outside."""
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+SINGLE_RUN = """
+import sys
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from digits.config import CONF_DIR
+from digits.train import train
+with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    cfg = compose("train", overrides=["model=mlp", "debug=fast", "logger=none", f"paths.data_dir={sys.argv[1]}"])
+with open_dict(cfg):
+    cfg.paths.output_dir = sys.argv[2]
+train(cfg)
+print(sorted({"optuna", "sqlalchemy", "PYTORCH_NVML_BASED_CUDA_CHECK"} & (set(sys.modules) | set(os.environ))))
+""".replace("import sys", "import os, sys", 1)
+
+
+def test_a_single_run_imports_no_optuna_and_drops_lightnings_nvml_probe(tmp_path, data_dir):
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    done = subprocess.run(
+        [sys.executable, "-c", SINGLE_RUN, str(data_dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
