@@ -23,11 +23,14 @@ data:
 train:
 	$(PY) train.py $(ARGS)
 
+# two workers (pytest-xdist), each test file on one of them: a file's tests share its cluster, server or mount
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile
+
 test:
-	$(PY) -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast:
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow and not slurm" $(ARGS)
 
 lint:
 	$(VENV)/bin/ruff check .

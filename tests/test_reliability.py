@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, run_train, train_command
 from digits.train import train
 
-# ~2,500 steps an epoch: long enough to stop a run in the middle of one
-SLOW_EPOCHS = ["model=mlp", "data.train_size=10000", "data.val_size=1000", "data.batch_size=4", "trainer.max_epochs=3"]
+# ~1,500 steps an epoch: long enough to stop a run in the middle of one
+SLOW_EPOCHS = ["model=mlp", "data.train_size=6000", "data.val_size=1000", "data.batch_size=4", "trainer.max_epochs=3"]
 TIMING = {"train_seconds", "epoch_seconds", "samples_per_second", "best_checkpoint"}
 
 
@@ -77,7 +77,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_that_resumes(tmp_path, data_dir):
     assert proc.wait(timeout=120) != 0
     (last,) = log_dir.glob("runs/*/*/checkpoints/last.ckpt")
     state = torch.load(last, map_location="cpu", weights_only=True)
-    steps_per_epoch = 10000 // 4
+    steps_per_epoch = 6000 // 4
     assert state["global_step"] % steps_per_epoch != 0, "saved in the middle of an epoch"
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader_state["batches_trained"] == state["global_step"] % steps_per_epoch

@@ -131,27 +131,26 @@ def test_a_trial_over_its_memory_limit_fails_with_the_schedulers_reason(slurm, t
     assert trial.state == TrialState.FAIL and "exceeded memory limit" in trial.user_attrs["fail_reason"]
 
 
-@pytest.mark.parametrize("how", ["scontrol requeue", "USR2"])
-def test_a_preempted_trial_resumes_from_its_checkpoint(slurm, tmp_path, data_dir, how):
+def test_a_preempted_trial_resumes_from_its_checkpoint_each_time(slurm, tmp_path, data_dir):
     log_dir = tmp_path / "logs"
-    proc = sweep(log_dir, data_dir, *SLOW, "trainer.max_epochs=2", "hydra.sweeper.n_trials=1")
-    sweep_dir = log_dir / "sweeps" / "mlp_optuna_mnist"
-    wait_until(lambda: list(sweep_dir.glob("trial0_*/checkpoints/last.ckpt")), what="the first epoch's checkpoint")
+    proc = sweep(log_dir, data_dir, *SLOW, "trainer.max_epochs=3", "hydra.sweeper.n_trials=1")
+    checkpoints = log_dir / "sweeps" / "mlp_optuna_mnist"
+    wait_until(lambda: list(checkpoints.glob("trial0_*/checkpoints/epoch000.ckpt")), what="epoch 0's checkpoint")
     (job,) = running_jobs()
-    if how == "USR2":  # what SLURM sends before preempting a job: submitit checkpoints and requeues it
-        subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    else:
-        subprocess.run(["scontrol", "requeue", job], check=True)
+    subprocess.run(["scontrol", "requeue", job], check=True)  # an administrator's requeue: SIGTERM, then again
+    wait_until(lambda: list(checkpoints.glob("trial0_*/checkpoints/epoch001.ckpt")), what="epoch 1 after the requeue")
+    wait_until(lambda: running_jobs() == [job], what="the job to run")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # SLURM's warning before it preempts a job
     done = finished(proc)
     assert done.returncode == 0, done.stderr[-3000:]
     (trial,) = study_of(log_dir).trials
     assert trial.state == TrialState.COMPLETE
-    (run_dir,) = sweep_dir.glob("trial0_*")
-    assert f"resuming from {run_dir}/checkpoints/last.ckpt" in (run_dir / "train.log").read_text()
+    (run_dir,) = checkpoints.glob("trial0_*")
+    assert (run_dir / "train.log").read_text().count(f"resuming from {run_dir}/checkpoints/last.ckpt") == 2
     steps = [e.step for e in read_events(run_dir).Scalars("val/acc")]
-    assert len(steps) == 2 == len(set(steps)), steps  # every epoch once, across the restart
+    assert len(steps) == 3 == len(set(steps)), steps  # every epoch once, across both restarts
     history = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job, "-o", "State"], capture_output=True, text=True)
-    assert history.stdout.split() == ["REQUEUED", "COMPLETED"]
+    assert history.stdout.split() == ["REQUEUED", "REQUEUED", "COMPLETED"]
 
 
 def start_workers(log_dir: Path, data_dir: Path, storage: str, n_trials: int) -> str:

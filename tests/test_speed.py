@@ -174,7 +174,7 @@ def test_translation_and_bf16_autocast_compose_on_cpu(make_cfg):
     bf16 = train(make_cfg(*quick, "trainer.precision=bf16-mixed"))
     fp32 = train(make_cfg(*quick))
     assert bf16["test_loss"] != fp32["test_loss"], "bf16 autocast changes the arithmetic"
-    assert abs(bf16["test_acc"] - fp32["test_acc"]) < 0.02 and bf16["test_acc"] > 0.8
+    assert abs(bf16["test_acc"] - fp32["test_acc"]) < 0.02 and bf16["test_acc"] > 0.7  # untrained: 0.1
 
 
 @pytest.mark.slow
