@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -182,7 +183,7 @@ def test_async_workers_finish_the_study_when_one_dies(slurm, tmp_path, data_dir,
     def trial_running_in(task: str) -> bool:
         try:
             running = study_of(log_dir, optuna_storage).get_trials(states=(TrialState.RUNNING,))
-        except KeyError:  # no study yet
+        except (KeyError, sqlalchemy.exc.OperationalError):  # no study (or no tables) yet
             return False
         return any(t.user_attrs.get("slurm_job") == task for t in running)
 

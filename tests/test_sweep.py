@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import torch
 import yaml
 from hydra.utils import instantiate
@@ -102,7 +103,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, data_dir):
         try:
             if db.exists() and states(load_study(log_dir)).get("COMPLETE", 0) >= 2:
                 break
-        except KeyError:  # the sweep has not created its study yet
+        except (KeyError, sqlalchemy.exc.OperationalError):  # the sweep has not created its study (or tables) yet
             pass
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
