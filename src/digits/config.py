@@ -16,7 +16,7 @@ from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from digits.errors import DigitsError, require
+from digits.errors import DigitsError, is_int, is_number, require
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -158,10 +158,12 @@ def run_dir(*, _root_: DictConfig) -> str:
     return _run_dirs[str(runs), resume]
 
 
-def _slurm_gpus(accelerator: str, devices: Any) -> int | None:
-    from hydra_plugins.digits_optuna_sweeper.slurm_launcher import slurm_gpus  # submitit only when asked for
-
-    return slurm_gpus(accelerator, devices)
+def slurm_gpus(accelerator: str, devices: Any) -> int | None:
+    """GPUs per SLURM task (`hydra/launcher=slurm`): the trainer's device count on a GPU accelerator, none
+    otherwise."""
+    if str(accelerator) not in ("gpu", "cuda"):
+        return None
+    return devices if is_int(devices) and devices >= 1 else 1
 
 
 def register_resolvers() -> None:
@@ -173,7 +175,7 @@ def register_resolvers() -> None:
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
-    OmegaConf.register_new_resolver("digits.slurm_gpus", _slurm_gpus, replace=True)
+    OmegaConf.register_new_resolver("digits.slurm_gpus", slurm_gpus, replace=True)
     # cached like Hydra's `now`: a launcher's jobs (other processes) inherit the sweep dir's stamp
     OmegaConf.register_new_resolver("digits.stamp", stamp, replace=True, use_cache=True)
 
@@ -188,17 +190,13 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         raise
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_run(cfg: DictConfig) -> None:
     """Values Lightning and torch would refuse with a traceback, hang on, or accept into an untrained run."""
-    require(_is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer from 0 to 2**32 - 1")
+    require(is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer from 0 to 2**32 - 1")
     epochs = cfg.trainer.get("max_epochs")
-    require(_is_int(epochs) and epochs >= 1, "trainer.max_epochs", epochs, "an integer ≥ 1")
+    require(is_int(epochs) and epochs >= 1, "trainer.max_epochs", epochs, "an integer ≥ 1")
     lr = cfg.optimizer.get("lr")
-    ok_lr = isinstance(lr, int | float) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+    ok_lr = is_number(lr) and math.isfinite(lr) and lr > 0
     require(ok_lr, "optimizer.lr", lr, "a finite number > 0")
     check_devices(cfg.trainer)
 
@@ -218,9 +216,9 @@ def check_devices(trainer: DictConfig) -> None:
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     if isinstance(devices, ListConfig):
-        ok = len(devices) >= 1 and all(_is_int(d) and 0 <= d < have for d in devices)
+        ok = len(devices) >= 1 and all(is_int(d) and 0 <= d < have for d in devices)
     else:
-        ok = _is_int(devices) and 1 <= devices <= have
+        ok = is_int(devices) and 1 <= devices <= have
     require(ok, "trainer.devices", devices, f"'auto' or 1 to {have} (this machine's {what}), or a list of device ids")
 
 

@@ -19,7 +19,7 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity
 
-from digits.errors import DigitsError, require
+from digits.errors import DigitsError, is_int, is_number, require
 
 LOADERS = ("device", "torch")
 
@@ -175,15 +175,15 @@ class DigitsDataModule(L.LightningDataModule):
         require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
         ok_shift = isinstance(translate, int) and 0 <= translate <= 8
         require(ok_shift, "translate", translate, "a shift in pixels from 0 (off) to 8")
-        ok_turn = _is_number(rotate) and 0 <= rotate <= 180
+        ok_turn = is_number(rotate) and 0 <= rotate <= 180
         require(ok_turn, "rotate", rotate, "an angle in degrees from 0 (off) to 180")
-        ok_zoom = _is_number(zoom) and 0 <= zoom <= 0.5
+        ok_zoom = is_number(zoom) and 0 <= zoom <= 0.5
         require(ok_zoom, "zoom", zoom, "a scale range from 0 (off) to 0.5")
         require(isinstance(flip, bool), "flip", flip, "true or false")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
         self.dataset_cls = _dataset_class(dataset)
-        require(_is_number(mean) and 0 <= mean <= 1, "mean", mean, "the pixels' mean in [0, 1]")
-        require(_is_number(std) and 0 < std <= 1, "std", std, "the pixels' standard deviation in (0, 1]")
+        require(is_number(mean) and 0 <= mean <= 1, "mean", mean, "the pixels' mean in [0, 1]")
+        require(is_number(std) and 0 < std <= 1, "std", std, "the pixels' standard deviation in (0, 1]")
         ok_box = isinstance(frame_box, int) and 1 <= frame_box <= 28
         require(ok_box, "frame_box", frame_box, "a side from 1 to 28 pixels")
         _check_count("train_pool", train_pool)
@@ -338,12 +338,8 @@ def _dataset_class(dataset: str | type[MNIST]) -> type[MNIST]:
     return cls
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _check_count(name: str, value: Any) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value, "an integer ≥ 1")
+    require(is_int(value) and value >= 1, name, value, "an integer ≥ 1")
 
 
 def _split_size(name: str, value: int | float, pool: int, upper: int) -> int:

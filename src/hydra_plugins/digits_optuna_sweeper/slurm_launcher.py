@@ -28,13 +28,6 @@ class JobLostError(RuntimeError):
     """A SLURM job ended without a result; the message carries the scheduler's state for it."""
 
 
-def slurm_gpus(accelerator: str, devices: Any) -> int | None:
-    """GPUs per SLURM task: the trainer's device count on a GPU accelerator, no GPU request otherwise."""
-    if str(accelerator) not in ("gpu", "cuda"):
-        return None
-    return devices if isinstance(devices, int) and devices >= 1 else 1
-
-
 class DigitsSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
