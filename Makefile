@@ -57,7 +57,7 @@ results:
 	$(PY) scripts/report.py $(RESULTS) --results docs/results.md --note "$(RESULTS_NOTE)"
 
 tensorboard:
-	$(VENV)/bin/tensorboard --logdir logs
+	$(PY) scripts/board.py logs
 
 # the Optuna dashboard on a sweep's study: make dashboard STUDY=cnn_optuna_mnist (or STORAGE=<url or journal file>)
 STUDY ?= cnn_optuna_mnist

@@ -158,7 +158,7 @@ def test_a_users_model_dataset_and_experiment_train_evaluate_predict_and_sweep(i
     shutil.copy(metrics["best_checkpoint"], ckpt)
     done = run(installed, "digits-eval", f"ckpt_path={ckpt}", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    (result,) = (workdir / "logs" / "eval").glob("*/eval.json")
+    (result,) = (workdir / "logs" / "eval").glob("*/*/eval.json")
     assert json.loads(result.read_text())["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-6)
     done = run(installed, "digits-predict", f"ckpt_path={ckpt}", "test_index=0:4", "--json", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]

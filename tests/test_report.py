@@ -4,21 +4,23 @@ import csv
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import ROOT, assert_real_png, read_events, train_command
 from digits.report import verdict
 
 
-def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
+def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_dir):
     log_dir = tmp_path / "logs"
     sweep = train_command(
         "-m",
-        "experiment=mlp_8",
+        "experiment=mlp_8,lab_cnn",
         "data.train_size=256",
         "data.val_size=256",
         "trainer.max_epochs=2",
         "optimizer.weight_decay=1e-6,1e-3",
-        "data.batch_size=32,64",
         "seed=0,1",
         log_dir=log_dir,
         data_dir=data_dir,
@@ -26,40 +28,56 @@ def test_report_of_a_2x2_multirun_with_2_seeds(tmp_path, data_dir):
     done = subprocess.run(sweep, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     (multirun,) = log_dir.glob("multiruns/*")
+    # the swept keys first in every run's name, the keys given to all runs next, the job number last
+    runs = [Path(line) for line in (multirun / "runs.txt").read_text().split()]
+    assert sorted(run.parent.name for run in runs)[0] == (
+        "lab_cnn_wd0.001_seed0_ep2_train_size-256_val_size-256_mnist_cnn_h128-50_k5-3_bs128_adam0.002"
+    )
+    assert all(run.parent.parent == log_dir / "runs" and run.name.startswith(multirun.name) for run in runs)
 
     results = tmp_path / "results.md"
     report = [sys.executable, str(ROOT / "scripts" / "report.py"), str(multirun), "--results", str(results)]
     done = subprocess.run(report, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    for key in ("data.batch_size", "optimizer.weight_decay"):
-        assert_real_png(tmp_path / "figures" / f"mlp_8_MNIST_{key}.png")
-        assert f"](figures/mlp_8_MNIST_{key}.png)" in results.read_text()
-    table = [line for line in results.read_text().splitlines() if line.startswith("| `mlp_8`")]
-    assert len(table) == 4  # one row per swept pair, its two seeds folded into mean ± std
-    assert table[0].startswith("| `mlp_8` data.batch_size=32, optimizer.weight_decay=1e-06 | MNIST | 6,370 | 2 |")
-    assert table[-1].startswith("| `mlp_8` data.batch_size=64, optimizer.weight_decay=0.001 | MNIST | 6,370 | 2 |")
+    for experiment in ("mlp_8", "lab_cnn"):
+        assert_real_png(tmp_path / "figures" / f"{experiment}_MNIST_optimizer.weight_decay.png")
+        rows = [line for line in results.read_text().splitlines() if line.startswith(f"| `{experiment}`")]
+        assert len(rows) == 2  # one row per weight decay, its two seeds folded into mean ± std
+        assert rows[0].startswith(f"| `{experiment}` optimizer.weight_decay=1e-06 | MNIST |") and "| 2 |" in rows[0]
+
     out = multirun / "report"
+    page = (out / "report.md").read_text()
+    series = page.split("## Series (seeds folded)")[1].strip().splitlines()
+    # the models' recipes differ in much, but each follows from the experiment: four series of two seeds
+    assert series[0] == "| experiment | optimizer.weight_decay | seeds | test accuracy % | best val accuracy % |"
+    body = [line.split(" | ") for line in series[2:6]]
+    assert [(r[0], r[1], r[2]) for r in body] == [
+        ("| lab_cnn", "1e-06", "2"), ("| lab_cnn", "0.001", "2"), ("| mlp_8", "1e-06", "2"), ("| mlp_8", "0.001", "2")
+    ]  # fmt: skip
     with open(out / "runs.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 8
-    assert {r["weight_decay"] for r in rows} == {"1e-06", "0.001"} and {r["seed"] for r in rows} == {"0", "1"}
-    assert all(0 < float(r["test_acc"]) <= 1 and r["model"] == "mlp" for r in rows)
-    for key in ("optimizer.weight_decay", "data.batch_size"):
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 8 and {r["seed"] for r in csv_rows} == {"0", "1"}
+    for row in body:  # each series' mean is its two runs' mean (%, as in every table)
+        accs = [
+            float(r["test_acc_pct"]) for r in csv_rows if r["run"].startswith(row[0][2:]) and f"wd{row[1]}" in r["run"]
+        ]
+        assert len(accs) == 2 and float(row[3].split(" ± ")[0]) == pytest.approx(sum(accs) / 2, abs=0.006)
+    for key in ("optimizer.weight_decay", "experiment"):
         assert_real_png(out / f"errorbars_{key}.png")
     assert len(list(out.glob("curves_*.png"))) == 8
-    assert (out / "report.md").read_text().count("\n| ") == 9  # header and 8 runs
     images = read_events(out).Tags()["images"]
-    assert {"errorbars/optimizer.weight_decay", "errorbars/data.batch_size"} <= set(images)
+    assert {"errorbars/optimizer.weight_decay", "errorbars/experiment"} <= set(images)
     assert sum(tag.startswith("curves/") for tag in images) == 8
 
     # a run removed since: the next report drops its figure, and only what the last report wrote
-    gone = next(multirun.glob("7_*"))
+    (gone,) = [run for run in runs if run.name.endswith("_7")]
     shutil.rmtree(gone)
-    assert_real_png(out / f"curves_{gone.name}.png")
-    (out / "mine.png").write_bytes((out / "errorbars_data.batch_size.png").read_bytes())
+    shown = f"curves_{gone.parent.name}_{gone.name}.png"
+    assert_real_png(out / shown)
+    (out / "mine.png").write_bytes((out / "errorbars_experiment.png").read_bytes())
     done = subprocess.run(report, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(list(out.glob("curves_*.png"))) == 7 and not (out / f"curves_{gone.name}.png").exists()
+    assert len(list(out.glob("curves_*.png"))) == 7 and not (out / shown).exists()
     assert (out / "mine.png").exists()
 
 

@@ -85,7 +85,7 @@ def test_a_sweep_of_slurm_jobs_on_a_cpu_partition(slurm, tmp_path, data_dir):
     study = study_of(log_dir)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     for trial in study.trials:
-        (metrics,) = log_dir.glob(f"sweeps/mlp_optuna_mnist/trial{trial.number}_*/metrics.json")
+        (metrics,) = log_dir.glob(f"runs/*/*_trial{trial.number}/metrics.json")
         assert trial.value == pytest.approx(yaml.safe_load(metrics.read_text())["best_val_acc"])
     (submission,) = log_dir.glob("sweeps/mlp_optuna_mnist/.submitit/*/*_submission.sh")
     assert "--gpus-per-task" not in submission.read_text()  # trainer=default here: no GPU asked for
@@ -135,18 +135,18 @@ def test_a_trial_over_its_memory_limit_fails_with_the_schedulers_reason(slurm, t
 def test_a_preempted_trial_resumes_from_its_checkpoint_each_time(slurm, tmp_path, data_dir):
     log_dir = tmp_path / "logs"
     proc = sweep(log_dir, data_dir, *SLOW, "trainer.max_epochs=3", "hydra.sweeper.n_trials=1")
-    checkpoints = log_dir / "sweeps" / "mlp_optuna_mnist"
-    wait_until(lambda: list(checkpoints.glob("trial0_*/checkpoints/epoch000.ckpt")), what="epoch 0's checkpoint")
+    checkpoints = log_dir / "runs"
+    wait_until(lambda: list(checkpoints.glob("*/*_trial0/checkpoints/epoch000.ckpt")), what="epoch 0's checkpoint")
     (job,) = running_jobs()
     subprocess.run(["scontrol", "requeue", job], check=True)  # an administrator's requeue: SIGTERM, then again
-    wait_until(lambda: list(checkpoints.glob("trial0_*/checkpoints/epoch001.ckpt")), what="epoch 1 after the requeue")
+    wait_until(lambda: list(checkpoints.glob("*/*_trial0/checkpoints/epoch001.ckpt")), what="epoch 1 after the requeue")
     wait_until(lambda: running_jobs() == [job], what="the job to run")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # SLURM's warning before it preempts a job
     done = finished(proc)
     assert done.returncode == 0, done.stderr[-3000:]
     (trial,) = study_of(log_dir).trials
     assert trial.state == TrialState.COMPLETE
-    (run_dir,) = checkpoints.glob("trial0_*")
+    (run_dir,) = checkpoints.glob("*/*_trial0")
     assert (run_dir / "train.log").read_text().count(f"resuming from {run_dir}/checkpoints/last.ckpt") == 2
     steps = [e.step for e in read_events(run_dir).Scalars("val/acc")]
     assert len(steps) == 3 == len(set(steps)), steps  # every epoch once, across both restarts

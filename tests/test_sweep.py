@@ -1,6 +1,7 @@
 """Optuna sweeps end to end: real Hydra multiruns in subprocesses, real storages, tiny data subsets."""
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -62,7 +63,7 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
     study = load_study(log_dir)
     assert states(study) == {"COMPLETE": 4}
     for trial in study.trials:
-        (run_dir,) = (log_dir / "sweeps" / "mlp_optuna_mnist").glob(f"trial{trial.number}_*")
+        (run_dir,) = log_dir.glob(f"runs/*/*_trial{trial.number}")
         cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         assert cfg.model.hidden_size == trial.params["model.hidden_size"]
         assert cfg.data.batch_size == trial.params["data.batch_size"]
@@ -73,7 +74,14 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
         events.Reload()
         start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
         hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
-        assert hparams["optuna.trial"].number_value == trial.number
+        assert hparams["optuna.trial"].string_value == f"mlp_optuna_mnist#{trial.number}"
+        assert trial.user_attrs["run_dir"] == str(run_dir)
+        assert trial.user_attrs["tensorboard_run"] == str(run_dir.relative_to(log_dir))
+        assert trial.user_attrs["test_acc"] == json.loads((run_dir / "metrics.json").read_text())["test_acc"]
+        assert trial.user_attrs["model"] == "mlp" and trial.user_attrs["trainer.max_epochs"] == 1
+        assert "model.hidden_size" not in trial.user_attrs  # searched: a param, not a fixed setting
+    assert study.metric_names == ["val/acc_best"]
+    assert study.trials[0].distributions["data.batch_size"].choices == (32, 64, 128, 256, 512)  # numbers, in order
     summary = results(log_dir)
     assert (summary["complete"], summary["pruned"], summary["failed"]) == (4, 0, 0)
     assert summary["best_value"] == pytest.approx(study.best_value)
@@ -84,7 +92,7 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
     report = [sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep_dir)]
     done = subprocess.run(report, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    for kind in ("history", "importances"):
+    for kind in ("history", "importances", "slice_model.hidden_size", "slice_data.batch_size"):
         assert_real_png(sweep_dir / "report" / f"optuna_mlp_optuna_mnist_{kind}.png")
     assert len((sweep_dir / "report" / "runs.csv").read_text().splitlines()) == 1 + 4
     assert {"optuna/mlp_optuna_mnist_history", "optuna/mlp_optuna_mnist_importances"} <= set(
@@ -256,7 +264,7 @@ def test_bad_sweep_settings_fail_before_any_trial(tmp_path, data_dir, override):
     assert "Traceback" not in done.stderr
     assert BAD_SWEEPS[override] in done.stderr
     assert "secret" not in done.stderr
-    assert not list(log_dir.glob("sweeps/*/trial*"))
+    assert not list(log_dir.glob("runs/*/*_trial*"))
 
 
 def test_study_of_the_other_direction_is_refused(tmp_path, data_dir):
@@ -276,8 +284,10 @@ def test_grid_multirun_with_the_basic_sweeper(tmp_path, data_dir):
     )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = list(log_dir.glob("multiruns/*/*/metrics.json"))
+    runs = list(log_dir.glob("runs/*/*/metrics.json"))
     assert len(runs) == 4
+    (listing,) = log_dir.glob("multiruns/*/runs.txt")  # the multirun's own dir names its runs
+    assert sorted(listing.read_text().split()) == sorted(str(run.parent) for run in runs)
 
 
 @pytest.mark.parametrize(("trainer", "gpus"), [("default", None), ("cpu", None), ("gpu", 1), ("ddp", None)])

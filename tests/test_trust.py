@@ -129,7 +129,7 @@ def test_a_checkpoint_copied_alone_is_evaluated_and_predicted(trained, tmp_path)
     shutil.copy(ckpt, alone)
     done = run_script("eval.py", f"ckpt_path={alone}", log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-2000:]
-    (result,) = (tmp_path / "logs").glob("eval/*/eval.json")
+    (result,) = (tmp_path / "logs").glob("eval/model/*/eval.json")  # named after the checkpoint file
     assert json.loads(result.read_text())["test_size"] == 10_000
     done = run_script("predict.py", f"ckpt_path={alone}", "test_index=0:3", "--json", log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -176,15 +176,35 @@ def unfinished_copy(ckpt: Path, log_dir: Path) -> Path:
 
 
 def test_resume_with_a_changed_setting_names_it_and_touches_nothing(trained, tmp_path, data_dir):
+    """A key the command line gives is in the run's name: changing it names another run. A setting that
+    changed outside the command line (a preset edited since) finds the old run and is refused."""
     ckpt, _ = trained
     run = unfinished_copy(ckpt, tmp_path / "logs")
+    for path in (run / "checkpoints").glob("*.ckpt"):  # as if the preset had said tanh when the run started
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["digits"]["config"]["model"]["activation"] = "tanh"
+        torch.save(checkpoint, path)
     saved = (run / ".hydra" / "config.yaml").read_text()
-    changed = ("scheduler=onecycle", "model.activation=tanh", "ckpt_path=last")
-    done = run_train(*QUICK, *changed, log_dir=tmp_path / "logs", data_dir=data_dir)
+    done = run_train(*QUICK, "scheduler=onecycle", "ckpt_path=last", log_dir=tmp_path / "logs", data_dir=data_dir)
     line = one_line_error(done)
-    assert f"ckpt_path=last found {run}" in line and "model.activation: relu → tanh" in line
+    assert f"ckpt_path=last found {run}" in line and "model.activation: tanh → relu" in line
     assert (run / ".hydra" / "config.yaml").read_text() == saved
     assert len(list((tmp_path / "logs").glob("runs/*/*"))) == 1
+
+    changed = run_train(
+        *QUICK,
+        "scheduler=onecycle",
+        "model.activation=elu",
+        "ckpt_path=last",
+        log_dir=tmp_path / "logs",
+        data_dir=data_dir,
+    )
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    (new,) = set((tmp_path / "logs").glob("runs/*/*")) - {run}
+    assert (
+        new.parent.name.startswith("mlp_activation-elu_onecycle_")
+        and (run / ".hydra" / "config.yaml").read_text() == saved
+    )
 
 
 def test_resume_with_the_same_settings_goes_on_in_the_same_dir(trained, tmp_path, data_dir):

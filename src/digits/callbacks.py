@@ -1,4 +1,5 @@
-"""Callbacks the training loop always uses: epoch timing, self-describing checkpoints that survive preemption."""
+"""Callbacks the training loop always uses: epoch timing, self-describing checkpoints that survive preemption,
+the test set's confusion matrix and misclassified images."""
 
 import time
 from pathlib import Path
@@ -6,7 +7,15 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from digits.artifacts import RECORD
 
@@ -71,3 +80,75 @@ class RunRecord(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RECORD] = self.record
+
+
+class TestResults(L.Callback):
+    """The test set's confusion matrix, per-class precision, recall and F1 (torchmetrics, summed over DDP
+    processes) and a sample of misclassified images, from the logits `test_step` returns; with `figures`, the
+    matrix and the images drawn into every TensorBoard logger of the run, under the tags in `TAGS`."""
+
+    def __init__(self, figures: bool = True, max_misclassified: int = 64) -> None:
+        self.figures, self.max_misclassified = figures, max_misclassified
+        self.metrics: MetricCollection | None = None
+        self.confusion = torch.zeros(0, 0, dtype=torch.long)
+        self.per_class: dict[str, list[float]] = {}
+        self.misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        n = pl_module.num_classes
+        self.metrics = MetricCollection(
+            {
+                "confusion": MulticlassConfusionMatrix(n),
+                "precision": MulticlassPrecision(n, average="none"),
+                "recall": MulticlassRecall(n, average="none"),
+                "f1": MulticlassF1Score(n, average="none"),
+            }
+        ).to(pl_module.device)
+        self.misclassified = []
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        x, y = batch
+        preds = outputs.argmax(-1)
+        self.metrics.update(preds, y)
+        room = self.max_misclassified - sum(len(m[0]) for m in self.misclassified)
+        if room > 0:
+            wrong = (preds != y).nonzero().squeeze(1)[:room]
+            self.misclassified.append((x[wrong].float().cpu(), y[wrong].cpu(), preds[wrong].cpu()))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        computed = {k: v.cpu() for k, v in self.metrics.compute().items()}
+        self.confusion = computed.pop("confusion")
+        self.per_class = {k: v.tolist() for k, v in computed.items()}
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if self.figures and tensorboards and trainer.is_global_zero:
+            names = getattr(trainer.datamodule, "class_names", None) or [str(i) for i in range(len(self.confusion))]
+            for tag, figure in self.drawn(names):
+                for tb in tensorboards:
+                    tb.experiment.add_figure(tag, figure, global_step=trainer.current_epoch, close=False)
+
+    def drawn(self, class_names: list[str], card: bool = True) -> list[tuple[str, Any]]:
+        """The figures of these results, under the tags that train, eval and report all use: sized for a
+        TensorBoard card, or (`card=False`) every misclassified image kept, titled by class name."""
+        from digits import figures  # matplotlib only once there is something to draw
+
+        drawn = [(TAGS["confusion"], figures.confusion_matrix(self.confusion, class_names))]
+        if self.misclassified:
+            images, labels, preds = (torch.cat(parts) for parts in zip(*self.misclassified, strict=True))
+            grid = (
+                figures.mistakes_card(images[:16], labels.tolist(), preds.tolist())
+                if card
+                else figures.image_grid(images, labels, preds, class_names)
+            )
+            drawn.append((TAGS["misclassified"], grid))
+        return drawn
+
+
+TAGS = {"confusion": "test/confusion_matrix", "misclassified": "test/misclassified"}

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from digits.config import check_choices
 from digits.errors import DigitsError
@@ -30,6 +31,8 @@ def describe(err: BaseException) -> str | None:
         return f"{mark.name}, line {mark.line + 1}: not valid YAML ({err.problem})"
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror}"
+    if isinstance(err, MissingMandatoryValue):
+        return f"{err.full_key} is required; give {err.full_key}=<value> on the command line"
     if isinstance(err, HydraException):
         return one_line(str(err).split("Set the environment variable HYDRA_FULL_ERROR")[0])
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import math
 import os
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -45,18 +46,88 @@ def _tag(value: Any) -> str:
     return str(value)
 
 
+NAME_TAGS = {  # how a key shows in a run's name
+    "model.hidden_size": "h", "model.kernel_size": "k", "data.batch_size": "bs",
+    "optimizer.weight_decay": "wd", "trainer.max_epochs": "ep", "seed": "seed",
+}  # fmt: skip
+NAMELESS = ("optuna.", "hydra.", "paths.", "ckpt_path", "logger", "callbacks", "debug", "hparams_search")
+
+
+def name_part(key: str, value: Any) -> str:
+    """One key's piece of a run name: a group's choice as itself, a key by its tag (or last name) and value."""
+    if "." not in key and key not in NAME_TAGS:
+        return _tag(value)
+    return NAME_TAGS.get(key, key.rsplit(".", 1)[-1] + "-") + _tag(value)
+
+
+NAME_ORDER = (
+    "experiment", "data", "model", "model.hidden_size", "model.kernel_size", "data.batch_size", "optimizer",
+    "optimizer.lr", "optimizer.weight_decay", "trainer.max_epochs", "seed",
+)  # fmt: skip
+
+
+def swept_keys(hydra: DictConfig) -> set[str]:
+    """The keys a multirun varies: its sweeper's search space and the sweeps on its command line (as saved in
+    the sweep dir's multirun.yaml); none in a single run."""
+    if str(hydra.get("mode")) != "RunMode.MULTIRUN":
+        return set()
+    keys = set((hydra.sweeper.get("params") or {}).keys())
+    saved = Path(str(hydra.sweep.dir)) / "multirun.yaml"
+    if saved.is_file():
+        try:
+            lines = OmegaConf.load(saved).hydra.overrides.task
+            keys |= {
+                o.get_key_element()
+                for o in OverridesParser.create().parse_overrides(list(lines))
+                if o.is_sweep_override()
+            }
+        except (HydraException, OSError, ValueError):
+            pass  # an unreadable record only costs the name its order
+    return {k.lstrip("+~") for k in keys}
+
+
 def run_name(*, _root_: DictConfig) -> str:
-    """A directory name that says data, model and the key hyperparameters of a run."""
+    """A directory name that says data, model and the key hyperparameters of a run: first the keys a multirun
+    sweeps, then the other keys the command line gave, then the rest. Where TensorBoard cuts a name short,
+    what sets runs apart still shows; the same command gives the same name whatever its keys' order."""
     cfg, choices = _root_, _root_.hydra.runtime.choices
-    parts = [choices.get("experiment") or "", choices.data, choices.model]
-    for key, tag in (("hidden_size", "h"), ("kernel_size", "k")):  # a model of one's own may have neither
-        if key in cfg.model:
-            parts.append(tag + _tag(cfg.model[key]))
-    parts += [f"bs{_tag(cfg.data.batch_size)}", f"{choices.optimizer}{_tag(cfg.optimizer.lr)}"]
+    standard = {k: name_part(k, choices.get(k)) for k in ("experiment", "data", "model") if choices.get(k)}
+    for key in ("model.hidden_size", "model.kernel_size"):  # a model of one's own may have neither
+        if key.split(".")[1] in cfg.model:
+            standard[key] = name_part(key, OmegaConf.select(cfg, key))
+    standard["data.batch_size"] = name_part("data.batch_size", cfg.data.batch_size)
+    standard["optimizer"] = f"{choices.optimizer}{_tag(cfg.optimizer.lr)}"
     if cfg.optimizer.get("weight_decay"):
-        parts.append("wd" + _tag(cfg.optimizer.weight_decay))
-    parts += [f"ep{_tag(cfg.trainer.max_epochs)}", f"seed{_tag(cfg.seed)}"]
-    return "_".join(p for p in parts if p).replace("/", "-")
+        standard["optimizer.weight_decay"] = name_part("optimizer.weight_decay", cfg.optimizer.weight_decay)
+    standard["trainer.max_epochs"] = name_part("trainer.max_epochs", cfg.trainer.max_epochs)
+    standard["seed"] = name_part("seed", cfg.seed)
+    given: dict[str, str] = {}
+    for line in map(str, _root_.hydra.overrides.task):
+        key = line.split("=", 1)[0].lstrip("+~")
+        if "=" in line and not key.startswith(NAMELESS):
+            value = choices.get(key) if key in choices else OmegaConf.select(cfg, key, default=None)
+            # the optimizer's name with its rate, whichever of the two was given
+            given[key] = standard["optimizer"] if key in ("optimizer", "optimizer.lr") else name_part(key, value)
+    swept = swept_keys(_root_.hydra)
+
+    def rank(key: str) -> tuple[bool, int, str]:
+        return key not in swept, NAME_ORDER.index(key) if key in NAME_ORDER else len(NAME_ORDER), key
+
+    parts = dict.fromkeys([*(given[k] for k in sorted(given, key=rank)), *standard.values()])
+    return re.sub(r"[^\w.+-]", "-", "_".join(p for p in parts if p))
+
+
+def evaluated_name(*, _root_: DictConfig) -> str:
+    """What an eval run is named after: the run and checkpoint it evaluates (`<run name>_<time>_<checkpoint>`
+    for a checkpoint in a run's `checkpoints/`), else the checkpoint file's name."""
+    if OmegaConf.is_missing(_root_, "ckpt_path"):
+        return "checkpoint"  # the task names the missing key in one line
+    ckpt = Path(str(_root_.ckpt_path))
+    parts = [ckpt.stem]
+    if ckpt.parent.name == "checkpoints":
+        run = ckpt.parent.parent
+        parts = [run.parent.name, run.name, *parts]
+    return "_".join(p for p in parts if p).replace(" ", "-") or "checkpoint"
 
 
 _stamp: str | None = None
@@ -145,6 +216,7 @@ def resumable_run(runs: Path, cfg: DictConfig) -> Path | None:
     )
 
 
+SWEEP_RUNS = "runs.txt"  # in a multirun's dir: its jobs' run dirs, one per line
 _run_dirs: dict[tuple[str, bool], str] = {}  # Hydra and Lightning's DDP launcher ask several times: one answer
 
 
@@ -156,6 +228,13 @@ def run_dir(*, _root_: DictConfig) -> str:
         chosen = resumable_run(runs, _root_) if resume else None
         _run_dirs[str(runs), resume] = str(chosen or runs / stamp())
     return _run_dirs[str(runs), resume]
+
+
+def job_id(*, _root_: DictConfig) -> str:
+    """A multirun job's part of its run dir's name: its Optuna trial (`trial<N>`) or its job number. Beside the
+    sweep's stamp it names the same dir when SLURM starts the job again."""
+    trial = (_root_.get("optuna") or {}).get("trial")
+    return f"trial{trial}" if trial is not None else str(_root_.hydra.job.num)
 
 
 def slurm_gpus(accelerator: str, devices: Any) -> int | None:
@@ -172,6 +251,9 @@ def register_resolvers() -> None:
         "digits.precision": auto_precision,
         "digits.run_name": run_name,
         "digits.run_dir": run_dir,
+        "digits.evaluated": evaluated_name,
+        "digits.job": job_id,
+        "digits.absolute": lambda path: os.path.abspath(str(path)),  # a multirun's subdir must not be relative
     }
     for name, fn in resolvers.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)

@@ -1,7 +1,7 @@
-"""The commands: `digits-train`, `digits-eval`, `digits-predict`, `digits-explore` and `digits-report` once
-installed; `python train.py`, `eval.py`, `predict.py`, `scripts/explore.py` and `scripts/report.py` in a
-checkout. Each Hydra app composes the configs shipped in `digits/conf` (plus `--config-dir` and
-`hydra.searchpath`, like any Hydra app)."""
+"""The commands: `digits-train`, `digits-eval`, `digits-predict`, `digits-explore`, `digits-report` and
+`digits-board` once installed; `python train.py`, `eval.py`, `predict.py`, `scripts/explore.py`,
+`scripts/report.py` and `scripts/board.py` in a checkout. Each Hydra app composes the configs shipped in
+`digits/conf` (plus `--config-dir` and `hydra.searchpath`, like any Hydra app)."""
 
 import argparse
 import json
@@ -80,6 +80,25 @@ def predict() -> None:
 def explore() -> None:
     """Look at a dataset as the labs did: `digits-explore data=mnist|fashion`."""
     run_cli(explore_app)
+
+
+def board() -> None:
+    """TensorBoard on a log root, its HParams columns written first from every finished run under it:
+    `digits-board [logs] [tensorboard flags ...]`."""
+    import os
+
+    from digits.config import root_dir
+    from digits.report import find_runs, write_experiment
+
+    parser = argparse.ArgumentParser(description=board.__doc__)
+    parser.add_argument("logdir", type=Path, nargs="?", default=Path(root_dir()) / "logs", help="default: logs/")
+    args, tensorboard_flags = parser.parse_known_args()
+    if not args.logdir.is_dir():
+        sys.exit(f"error: {args.logdir} is not a directory; expected a log root")
+    if runs := find_runs(args.logdir):
+        print(f"HParams: {len(runs)} runs in {write_experiment(args.logdir, runs)}")
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.logdir), *tensorboard_flags]
+    os.execv(sys.executable, command)
 
 
 def report() -> None:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from digits.artifacts import check_weights, checkpoint_record, load_checkpoint, write_json
+from digits.callbacks import TAGS, TestResults
 from digits.config import build
 from digits.data import DigitsDataModule
 from digits.errors import DigitsError
@@ -46,17 +47,11 @@ def load_model(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Pat
     return module.eval()
 
 
-def per_class_report(confusion: torch.Tensor, class_names: list[str]) -> list[dict[str, Any]]:
-    """Precision, recall, F1 and support per class, from a confusion matrix (rows true, columns predicted)."""
-    cm = confusion.double()
-    tp, predicted, actual = cm.diag(), cm.sum(0), cm.sum(1)
-    precision = tp / predicted.clamp(min=1)
-    recall = tp / actual.clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    return [
-        {"class": name, "precision": p.item(), "recall": r.item(), "f1": f.item(), "support": int(s)}
-        for name, p, r, f, s in zip(class_names, precision, recall, f1, actual, strict=True)
-    ]
+def per_class_report(results: TestResults, class_names: list[str]) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per class."""
+    support = results.confusion.sum(1).tolist()
+    columns = zip(class_names, *(results.per_class[k] for k in ("precision", "recall", "f1")), support, strict=True)
+    return [{"class": c, "precision": p, "recall": r, "f1": f, "support": int(s)} for c, p, r, f, s in columns]
 
 
 def most_confused(confusion: torch.Tensor, class_names: list[str], k: int = 5) -> list[dict[str, Any]]:
@@ -77,17 +72,19 @@ def evaluate(cfg: DictConfig, checkpoint: dict[str, Any], ckpt: Path, out_dir: P
 
     datamodule = build(cfg.data, "data")
     module = load_model(cfg, checkpoint, ckpt)
+    results = TestResults(figures=False)
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
         logger=False,  # save_figures writes this dir's TensorBoard events, figures and scalars in one file
+        callbacks=[results],
         enable_progress_bar=False,
         enable_model_summary=False,
         precision=cfg.trainer.precision,
     )
     tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    cm, names = module.confusion_matrix, datamodule.class_names
-    report = per_class_report(cm, names)
+    cm, names = results.confusion, datamodule.class_names
+    report = per_class_report(results, names)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {
         "checkpoint": str(ckpt),
@@ -107,15 +104,10 @@ def evaluate(cfg: DictConfig, checkpoint: dict[str, Any], ckpt: Path, out_dir: P
         writer.writeheader()
         writer.writerows(report)
     (out_dir / "per_class.txt").write_text(per_class_table(report))
-    plots = {
-        "confusion_matrix": figures.confusion_matrix(cm, names),
-        "confusion_matrix_normalized": figures.confusion_matrix(cm, names, normalize=True),
-    }
-    if module.misclassified:
-        images, labels, preds = (torch.cat(p) for p in zip(*module.misclassified, strict=True))
-        plots["misclassified"] = figures.image_grid(images, labels, preds, names)
-    scalars = {f"test/{k}": metrics[f"test_{k}"] for k in ("acc", "error_pct", "loss", "mse")}
-    figures.save_figures(plots.items(), out_dir, scalars, dpi=120)
+    plots = results.drawn(names, card=False)
+    plots.insert(1, (TAGS["confusion"] + "_normalized", figures.confusion_matrix(cm, names, normalize=True)))
+    scalars = {f"test/{k}": metrics[f"test_{k}"] for k in ("acc", "loss", "mse")}
+    figures.save_figures(plots, out_dir, scalars, dpi=200)
     return metrics
 
 

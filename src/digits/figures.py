@@ -11,29 +11,37 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+# TensorBoard's image cards show a figure 215 px high at their default size: figures for them are drawn that
+# high at 100 dpi, so their text is not scaled down (PNG files are written at a higher dpi from the same figure)
+CARD_INCHES = (4.4, 2.15)
+
 
 def confusion_matrix(counts: torch.Tensor, class_names: Sequence[str], normalize: bool = False) -> Figure:
     """Rows are true classes, columns predictions; `normalize` divides each row by its total."""
     values = counts.double()
     if normalize:
         values = values / values.sum(1, keepdim=True).clamp(min=1)
-    fig = Figure(figsize=(7, 6))
+    fig = Figure(figsize=CARD_INCHES)
     ax = fig.subplots()
-    im = ax.imshow(values.numpy(), cmap="Blues")
-    fig.colorbar(im, ax=ax)
+    ax.imshow(values.numpy(), cmap="Blues", aspect="auto")
     n = len(class_names)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=6)
+    ax.set_yticks(
+        range(n), [f"{name} {i}" if name != str(i) else name for i, name in enumerate(class_names)], fontsize=6
+    )
+    ax.tick_params(length=0, pad=1)
+    ax.set_xlabel("predicted", fontsize=6, labelpad=1)
     threshold = values.max().item() / 2
     for i in range(n):
         for j in range(n):
             v = values[i, j].item()
-            text = f"{v:.2f}" if normalize else f"{int(v)}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if v > threshold else "black")
-    ax.set_title("confusion matrix" + (" (row-normalised)" if normalize else " (counts)"))
-    fig.tight_layout()
+            text = f"{v:.2f}".lstrip("0") if normalize else f"{int(v)}"
+            color = "white" if v > threshold else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color=color)
+    ax.set_title(
+        ("true (rows) × predicted, share of each row" if normalize else "true (rows) × predicted, counts"), fontsize=7
+    )
+    fig.tight_layout(pad=0.3)
     return fig
 
 
@@ -58,6 +66,20 @@ def image_grid(
             title = f"true {title}\npred {class_names[preds[k]]}"
         ax.set_title(title, fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def mistakes_card(images: torch.Tensor, labels: Sequence[int], preds: Sequence[int]) -> Figure:
+    """The first 16 misclassified images, each titled `true → predicted` by class index, in a card's size."""
+    fig = Figure(figsize=CARD_INCHES)
+    axes = fig.subplots(2, 8, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(images[k].squeeze(0).numpy(), cmap="gray")
+            ax.set_title(f"{labels[k]} → {preds[k]}", fontsize=7, pad=2)
+    fig.suptitle("misclassified test images: true → predicted class", fontsize=7)
+    fig.tight_layout(pad=0.2)
     return fig
 
 

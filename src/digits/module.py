@@ -7,16 +7,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torchmetrics import MaxMetric, MeanSquaredError
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from digits.errors import DigitsError
 from digits.models import count_parameters
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+# what each stage sums over its batches: summed loss, right answers, images, summed squared softmax error
+LOSS, CORRECT, COUNT, SQUARED = range(4)
 
 
 class DivergedError(DigitsError):
@@ -26,7 +26,9 @@ class DivergedError(DigitsError):
 class Classifier(L.LightningModule):
     """Cross-entropy training with accuracy, softmax-vs-one-hot MSE and best-so-far val accuracy.
 
-    Metrics are logged per epoch only, so a training step never waits on the host.
+    Each stage sums its metrics on the device, batch by batch, and logs them once per epoch with the epoch
+    as the step: a training step never waits on the host, and runs of any batch size line up in TensorBoard.
+    (Our own sums: per-step `self.log` and torchmetrics objects cost more than the step itself for small nets.)
     """
 
     def __init__(
@@ -36,21 +38,14 @@ class Classifier(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
         num_classes: int = 10,
-        max_misclassified: int = 64,
     ) -> None:
         super().__init__()
         self.net, self.num_classes = net, num_classes
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.scheduler_interval, self.max_misclassified = scheduler_interval, max_misclassified
-        self.train_acc, self.val_acc, self.test_acc = (
-            MulticlassAccuracy(num_classes, average="micro") for _ in range(3)
-        )
-        self.val_mse, self.test_mse = MeanSquaredError(), MeanSquaredError()
-        self.val_acc_best = MaxMetric()
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
-        self.train_loss_sum = torch.zeros(())
+        self.scheduler_interval = scheduler_interval
+        self.sums: dict[str, torch.Tensor] = {}
+        self.best_val_acc: float | None = None
         self.channels_last = False
-        self.misclassified: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @property
     def num_parameters(self) -> int:
@@ -67,75 +62,71 @@ class Classifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, ...]:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", sync_dist=True)
-        return loss, logits, y
+        sums = self.sums.get(stage)
+        if sums is None:
+            sums = self.sums[stage] = torch.zeros(4, dtype=torch.float32, device=loss.device)
+        with torch.no_grad():
+            sums[LOSS] += loss.detach().float() * len(y)
+            sums[CORRECT] += (logits.argmax(-1) == y).sum()
+            sums[COUNT] += len(y)
+            if stage != "train":  # the softmax's distance from the one-hot label, as the labs' MSE
+                sums[SQUARED] += (logits.float().softmax(-1) - F.one_hot(y, self.num_classes)).square().sum()
+        return loss, logits
+
+    def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
+        """The stage's epoch means, summed over every DDP process, logged at the epoch as step; sums reset."""
+        sums = self.sums.pop(stage, None)
+        if sums is None or self.trainer.sanity_checking:
+            return {}
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        count = sums[COUNT].clamp(min=1)
+        means = {f"{stage}/loss": sums[LOSS] / count, f"{stage}/acc": sums[CORRECT] / count}
+        if stage != "train":
+            means[f"{stage}/mse"] = sums[SQUARED] / (count * self.num_classes)
+        self.log_dict(means, prog_bar=stage == "val")
+        self.log("step", float(self.current_epoch))  # Lightning's step for these values: the epoch
+        return means
+
+    def on_train_epoch_start(self) -> None:
+        # the rate this epoch starts with (Lightning's LearningRateMonitor logs on the batch axis, not the epoch's)
+        self.log("train/lr", float(self.optimizers().param_groups[0]["lr"]))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, logits, y = self._shared_step(batch, "train")
-        self.train_loss_sum = self.train_loss_sum.to(loss.device) + loss.detach()
-        self.train_acc(logits, y)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        return self._step(batch, "train")[0]
 
     def on_train_epoch_end(self) -> None:
-        if not torch.isfinite(self.train_loss_sum):
+        loss = self._log_epoch("train").get("train/loss")
+        if loss is not None and not torch.isfinite(loss):
             raise DivergedError(
-                f"training diverged: the train loss became {self.train_loss_sum.item()} in epoch "
+                f"training diverged: the train loss became {loss.item()} in epoch "
                 f"{self.current_epoch}; lower optimizer.lr or add a scheduler"
             )
-        self.train_loss_sum = torch.zeros((), device=self.device)
-
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        _, logits, y = self._shared_step(batch, stage)
-        acc, mse = (self.val_acc, self.val_mse) if stage == "val" else (self.test_acc, self.test_mse)
-        acc(logits, y)
-        mse(logits.float().softmax(-1), F.one_hot(y, self.num_classes).float())
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        self.log(f"{stage}/mse", mse, on_step=False, on_epoch=True)
-        return logits, y
-
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # forget the sanity-check batches
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        acc = self._log_epoch("val").get("val/acc")
+        if acc is not None:
+            self.best_val_acc = acc.item() if self.best_val_acc is None else max(acc.item(), self.best_val_acc)
+            self.log("val/acc_best", self.best_val_acc, prog_bar=True)
 
-    def on_test_epoch_start(self) -> None:
-        self.misclassified = []
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        logits, y = self._eval_step(batch, "test")
-        preds = logits.argmax(-1)
-        self.test_confusion(preds, y)
-        room = self.max_misclassified - sum(len(m[0]) for m in self.misclassified)
-        if room > 0:
-            wrong = (preds != y).nonzero().squeeze(1)[:room]
-            self.misclassified.append((batch[0][wrong].float().cpu(), y[wrong].cpu(), preds[wrong].cpu()))
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Returns the logits, for callbacks that look at the answers (`digits.callbacks.TestResults`)."""
+        return self._step(batch, "test")[1]
 
     def on_test_epoch_end(self) -> None:
-        self.confusion_matrix = self.test_confusion.compute().cpu()
-        self.test_confusion.reset()
-        tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
-        if not tensorboards or self.trainer.sanity_checking:
-            return
-        from digits import figures  # matplotlib is only needed once the test set has been seen
+        self._log_epoch("test")
 
-        names = getattr(self.trainer.datamodule, "class_names", [str(i) for i in range(self.num_classes)])
-        images, labels, preds = (
-            (torch.cat(parts) for parts in zip(*self.misclassified, strict=True)) if self.misclassified else (None,) * 3
-        )
-        for tb in tensorboards:
-            tb.experiment.add_figure("test/confusion_matrix", figures.confusion_matrix(self.confusion_matrix, names))
-            if images is not None:
-                tb.experiment.add_figure("test/misclassified", figures.image_grid(images, labels, preds, names))
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["best_val_acc"] = self.best_val_acc
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_val_acc = checkpoint.get("best_val_acc")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())

@@ -6,6 +6,7 @@ Never imported by training: it only reads what runs wrote (metrics.json, .hydra/
 import csv
 import json
 import re
+import shutil
 import statistics
 import sys
 from collections import defaultdict
@@ -16,11 +17,13 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from digits.config import SWEEP_RUNS
 from digits.figures import Figure, save_figures
+from digits.hparams import ABSENT, TRIAL, experiment_summary, hyperparameters, varying_keys
 
 COLUMNS = (
     "run", "model", "params", "optimizer", "lr", "batch", "epochs", "weight_decay", "seed", "device",
-    "precision", "train_seconds", "best_val_acc", "test_acc", "test_error_pct",
+    "precision", "train_seconds", "best_val_acc_pct", "test_acc_pct", "test_error_pct",
 )  # fmt: skip
 CURVES = ("train/loss", "val/loss", "train/acc", "val/acc")
 
@@ -29,17 +32,20 @@ METRICS = ("test_acc", "test_error_pct", "best_val_acc", "params", "epochs", "tr
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Every finished run below `root` that can be read back: metrics.json and its .hydra config.
+    """Every finished run below `root`, or listed in a multirun's runs.txt below it, that can be read back:
+    metrics.json and its .hydra config.
 
     A run whose files are corrupt, empty or cut short is skipped with a warning naming it.
     """
     runs = []
-    for path in sorted(root.rglob("metrics.json")):
-        run = path.parent
+    listed = [Path(line) for listing in root.rglob(SWEEP_RUNS) for line in listing.read_text().splitlines() if line]
+    found = {p.parent.resolve(): None for p in sorted(root.rglob("metrics.json"))}
+    found |= {run.resolve(): None for run in listed if (run / "metrics.json").is_file()}
+    for run in sorted(found, key=str):
         if not (run / ".hydra" / "config.yaml").is_file():
             continue
         try:
-            metrics = json.loads(path.read_text())
+            metrics = json.loads((run / "metrics.json").read_text())
             missing = [k for k in METRICS if k not in metrics]
             if missing:
                 raise ValueError(f"no {', '.join(missing)}")
@@ -54,10 +60,12 @@ def find_runs(root: Path) -> list[Path]:
 
 def run_row(run: Path, root: Path) -> dict[str, Any]:
     m = OmegaConf.to_container(OmegaConf.load(run / "metrics.json"))
+    inside = run.is_relative_to(root.resolve())
+    name = str(run.relative_to(root.resolve())) if inside else f"{run.parent.name}/{run.name}"
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     model = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices.get("model", m["model"])
     return {
-        "run": str(run.relative_to(root)) if run != root else run.name,
+        "run": name if run != root else run.name,
         "model": model,
         "params": m["params"],
         "optimizer": str(cfg.optimizer._target_).rsplit(".", 1)[-1],
@@ -69,8 +77,8 @@ def run_row(run: Path, root: Path) -> dict[str, Any]:
         "device": m["device"],
         "precision": m["precision"],
         "train_seconds": round(m["train_seconds"], 2),
-        "best_val_acc": round(m["best_val_acc"], 5),
-        "test_acc": round(m["test_acc"], 5),
+        "best_val_acc_pct": round(100 * m["best_val_acc"], 3),
+        "test_acc_pct": round(100 * m["test_acc"], 3),
         "test_error_pct": round(m["test_error_pct"], 3),
     }
 
@@ -95,37 +103,85 @@ def swept_keys(runs: list[Path]) -> list[str]:
     return sorted(k for k, v in values.items() if len(v) > 1 and k != "seed")
 
 
-def error_bar_plot(runs: list[Path], key: str, labs: dict[str, float] | None = None, title: str = "") -> Figure:
-    """Test accuracy (%) against one swept key: mean ± std over the seeds (and any other swept keys).
+def run_hparams(run: Path) -> dict[str, Any]:
+    """A finished run's hyperparameters, as TensorBoard and Optuna show them (`digits.hparams`)."""
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    choices = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    # the precision the run had, not what `auto` would pick on this machine
+    metrics = OmegaConf.load(run / "metrics.json")
+    return hyperparameters(cfg, choices, metrics.params) | {"trainer.precision": metrics.precision}
+
+
+Series = dict[str, dict[str, list[float]]]  # series label → value of the key → test accuracies (%) over seeds
+
+
+def series_by(runs: list[Path], key: str, others: list[str]) -> Series:
+    """Test accuracy (%) by value of `key`, one series per combination of the `others`' values: only seeds are
+    folded together."""
+    series: Series = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        params = run_hparams(run)
+        label = ", ".join(f"{k}={params.get(k)}" for k in others)
+        series[label][str(params.get(key))].append(100 * OmegaConf.load(run / "metrics.json")["test_acc"])
+    return series
+
+
+def value_sorted(values: set[str]) -> list[str]:
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def error_bar_plot(series: Series, key: str, labs: dict[str, float] | None = None, title: str = "") -> Figure:
+    """Test accuracy (%) against one key, a line per series: mean ± std over each point's seeds.
 
     `labs` adds the labs' figures (%) by value of the key, "*" for one figure across all values.
     """
-    groups: dict[str, list[float]] = defaultdict(list)
-    for run in runs:
-        if value := overrides_of(run).get(key):
-            groups[value].append(100 * OmegaConf.load(run / "metrics.json")["test_acc"])
-    try:
-        order = sorted(groups, key=float)
-    except ValueError:
-        order = sorted(groups)
-    means = [statistics.fmean(groups[v]) for v in order]
-    stds = [statistics.stdev(groups[v]) if len(groups[v]) > 1 else 0.0 for v in order]
+    order = value_sorted({v for points in series.values() for v in points})
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    ax.errorbar(range(len(order)), means, yerr=stds, fmt="o-", capsize=4, label="digits")
+    seeds = [len(accs) for points in series.values() for accs in points.values()]
+    for label, points in sorted(series.items()):
+        xs = [i for i, v in enumerate(order) if v in points]
+        means = [statistics.fmean(points[order[i]]) for i in xs]
+        stds = [statistics.stdev(points[order[i]]) if len(points[order[i]]) > 1 else 0.0 for i in xs]
+        ax.errorbar(xs, means, yerr=stds, fmt="o-", capsize=4, label=label or "digits")
     if labs:
         marked = [i for i, v in enumerate(order) if v in labs]
         if marked:
             ax.plot(marked, [labs[order[i]] for i in marked], "rx", markersize=9, label="labs")
         if "*" in labs:
             ax.axhline(labs["*"], color="r", linestyle="--", label=f"labs: {labs['*']}%")
-        ax.legend()
+    if labs or len(series) > 1:
+        ax.legend(fontsize=7)
     ax.set_xticks(range(len(order)), order)
     ax.set_xlabel(key)
-    ax.set_ylabel(f"test accuracy % (mean ± std, n={min(len(v) for v in groups.values())}+)")
+    n = f"{min(seeds)}" if min(seeds) == max(seeds) else f"{min(seeds)}-{max(seeds)}"
+    ax.set_ylabel(f"test accuracy % (mean ± std, {n} seeds)")
     ax.set_title(title or f"test accuracy against {key}")
     fig.tight_layout()
     return fig
+
+
+def series_table(runs: list[Path]) -> str:
+    """One row per combination of the values that differ between runs, its seeds folded into mean ± std (%)."""
+    params = [run_hparams(run) for run in runs]
+    keys = varying_keys(params, ignore=("seed", TRIAL, "params"))
+    groups: dict[tuple[str, ...], list[dict[str, float]]] = defaultdict(list)
+    for run, p in zip(runs, params, strict=True):
+        m = OmegaConf.load(run / "metrics.json")
+        groups[tuple(str(p.get(k)) for k in keys)].append({"test": 100 * m.test_acc, "val": 100 * m.best_val_acc})
+    header = [*keys, "seeds", "test accuracy %", "best val accuracy %"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for values, rows in sorted(groups.items(), key=lambda g: [value_order(f"k={v}") for v in g[0]]):
+        cells = [mean_std([r[what] for r in rows]) for what in ("test", "val")]
+        lines.append("| " + " | ".join([*values, str(len(rows)), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def learning_curves(run: Path, name: str) -> Figure | None:
@@ -153,7 +209,8 @@ def learning_curves(run: Path, name: str) -> Figure | None:
 
 
 def optuna_plots(root: Path) -> Iterator[tuple[str, Figure]]:
-    """Optimisation history and parameter importances of every study in the sqlite storages below `root`."""
+    """Each study in the sqlite storages below `root`, drawn as a study: its optimisation history, parameter
+    importances and a slice per parameter."""
     import optuna
     from optuna.visualization import matplotlib as optuna_plt
 
@@ -166,28 +223,52 @@ def optuna_plots(root: Path) -> Iterator[tuple[str, Figure]]:
             plots = {"history": optuna_plt.plot_optimization_history}
             if len(study.trials) > 1 and len(study.best_params) > 1:
                 plots["importances"] = optuna_plt.plot_param_importances
+            for param in study.best_params:
+                plots[f"slice_{param}"] = lambda study, param=param: optuna_plt.plot_slice(study, params=[param])
             for kind, plot in plots.items():
                 ax = plot(study)
                 ax.figure.tight_layout()
                 yield f"optuna/{study.study_name}_{kind}", ax.figure
 
 
+def replicated(runs: list[Path]) -> list[Path]:
+    """The runs that are not an Optuna trial: a study's trials are each one draw, never replicates."""
+    return [run for run in runs if run_hparams(run)[TRIAL] == ABSENT]
+
+
 def report_figures(root: Path, runs: list[Path], rows: list[dict[str, Any]]) -> Iterator[tuple[str, Figure]]:
-    """Learning curves per run; per multirun (the runs of one folder), error bars for each key it swept with
-    replicates; then the Optuna studies' plots. Made one at a time."""
+    """Learning curves per run; error bars against each key that differs between the runs (trials aside), one
+    line per combination of the other keys, where some point has several seeds; then the Optuna studies.
+    Made one at a time."""
     for run, row in zip(runs, rows, strict=True):
         if fig := learning_curves(run, row["run"]):
             yield f"curves/{row['run']}", fig
-    multiruns: dict[Path, list[Path]] = defaultdict(list)
-    for run in runs:
-        multiruns[run.parent].append(run)
-    for folder, group in multiruns.items():
-        prefix = f"{folder.relative_to(root)}/" if root in folder.parents else ""
-        for key in swept_keys(group):
-            values = [overrides_of(run).get(key) for run in group]
-            if any(values.count(v) > 1 for v in values):
-                yield f"errorbars/{prefix}{key}", error_bar_plot(group, key)
+    plain = replicated(runs)
+    keys = varying_keys([run_hparams(run) for run in plain], ignore=("seed", TRIAL, "params")) if plain else []
+    for key in keys:
+        series = series_by(plain, key, [k for k in keys if k != key])
+        if any(len(accs) > 1 for points in series.values() for accs in points.values()):
+            yield f"errorbars/{key}", error_bar_plot(series, key)
     yield from optuna_plots(root)
+
+
+EXPERIMENT_DIR = "hparams_experiment"  # a run of its own under the log root, holding only the experiment
+
+
+def write_experiment(root: Path, runs: list[Path]) -> Path:
+    """TensorBoard's HParams experiment for every run under `root`, in `root/hparams_experiment/`: the columns
+    that set runs apart first and shown, each key with one type. Replaced whole, never appended to."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = root / EXPERIMENT_DIR
+    tmp = root / f".{EXPERIMENT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = SummaryWriter(str(tmp))
+    writer._get_file_writer().add_summary(experiment_summary([run_hparams(run) for run in runs]))
+    writer.close()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def write_page(page: Path, text: str, figures: list[Path]) -> None:
@@ -211,7 +292,11 @@ def write_report(root: Path, runs: list[Path], out: Path | None = None) -> dict[
         writer.writeheader()
         writer.writerows(rows)
     figures = save_figures(report_figures(root, runs, rows), out, dpi=100)
-    text = f"# Runs under {root}\n\n{markdown_table(rows)}\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
+    plain = replicated(runs)
+    series = f"## Series (seeds folded)\n\n{series_table(plain)}\n" if plain else ""
+    text = f"# Runs under {root}\n\n{markdown_table(rows)}\n{series}" + "".join(
+        f"![{p.stem}]({p.name})\n" for p in figures
+    )
     write_page(out / "report.md", text, figures)
     return {"runs": rows, "figures": figures, "out": out}
 
@@ -278,7 +363,7 @@ def results_table(root: Path, references: LabFigures) -> str:
               "optimizer, lr", "epochs", "train s", "device", "labs / reference", "verdict")  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
     for (experiment, data, variant), rows in sorted(groups.items(), key=lambda g: (*g[0][:2], value_order(g[0][2]))):
-        accs = [100 * r["test_acc"] for r in rows]
+        accs = [r["test_acc_pct"] for r in rows]
         mean = statistics.fmean(accs)
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""  # one seed has no spread to show
         seconds = statistics.fmean(r["train_seconds"] for r in rows)
@@ -298,7 +383,8 @@ def study_figures(root: Path, references: LabFigures) -> Iterator[tuple[str, Fig
     for (experiment, data), runs in sorted(preset_runs(root).items()):
         for key in study_keys(runs):
             labs = lab_figures_by_value(references, experiment, data, key)
-            yield f"{experiment}_{data}_{key}", error_bar_plot(runs, key, labs, title=f"{experiment} on {data}")
+            series = series_by(runs, key, [k for k in study_keys(runs) if k != key])
+            yield f"{experiment}_{data}_{key}", error_bar_plot(series, key, labs, title=f"{experiment} on {data}")
 
 
 def lab_figures_by_value(references: LabFigures, experiment: str, data: str, key: str) -> dict[str, float]:

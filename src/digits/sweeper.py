@@ -4,6 +4,8 @@ Hydra launcher.
 Our own because the released hydra-optuna-sweeper pins optuna<3 and its storage breaks on SQLAlchemy 2.
 """
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -35,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from digits.errors import JobsRefusedError
+from digits.hparams import TRIAL, hyperparameters
 from digits.trials import JOURNAL_PREFIX, PRUNER_ATTR, open_storage
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,10 @@ def to_distribution(override: Override) -> BaseDistribution | str:
     if not override.is_sweep_override():
         return override.get_value_element_as_str()
     if override.is_choice_sweep() or (override.is_range_sweep() and override.value().shuffle):
-        choices = list(override.sweep_iterator(transformer=Transformer.encode))
+        values = list(override.sweep_iterator())
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        # numbers stay numbers, so that dashboards order them as numbers; anything else as override text
+        choices = values if numbers else list(override.sweep_iterator(transformer=Transformer.encode))
         if not choices:
             raise SweepError(f"{key}: {written} has no values")
         return CategoricalDistribution(choices)
@@ -144,12 +150,29 @@ def worker_alive(attrs: dict[str, Any]) -> bool:
     return True
 
 
+def job_attributes(ret: JobReturn, searched: dict[str, Any]) -> dict[str, Any]:
+    """What optuna-dashboard shows beside a trial's params: its run dir, TensorBoard run name, test accuracy and
+    the settings it kept fixed, by the config's dotted names."""
+    if ret.cfg is None or ret.hydra_cfg is None:
+        return {}  # a job lost before it ran
+    run = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
+    attrs: dict[str, Any] = {"run_dir": str(run)}
+    log_dir = Path(str(ret.cfg.paths.log_dir))
+    if run.is_relative_to(log_dir):
+        attrs["tensorboard_run"] = str(run.relative_to(log_dir))
+    with contextlib.suppress(OSError, ValueError, KeyError):  # none for a trial failed or pruned before its test
+        attrs["test_acc"] = json.loads((run / "metrics.json").read_text())["test_acc"]
+    fixed = hyperparameters(ret.cfg, ret.hydra_cfg.hydra.runtime.choices)
+    return attrs | {k: v for k, v in fixed.items() if k not in searched and k != TRIAL}
+
+
 class OptunaSweep(Sweeper):
     def __init__(
         self,
         sampler: Any,
         pruner: Any,
         direction: str,
+        metric: str,
         storage: str | None,
         study_name: str | None,
         n_trials: int,
@@ -158,7 +181,7 @@ class OptunaSweep(Sweeper):
         heartbeat_interval: int,
         params: DictConfig | None,
     ) -> None:
-        self.sampler, self.pruner, self.direction = sampler, pruner, direction
+        self.sampler, self.pruner, self.direction, self.metric = sampler, pruner, direction, metric
         self.storage_url, self.study_name, self.params = storage, study_name, params or {}
         self.n_trials, self.n_jobs = n_trials, n_jobs
         self.max_failure_rate, self.heartbeat_interval = max_failure_rate, heartbeat_interval
@@ -238,6 +261,7 @@ class OptunaSweep(Sweeper):
                 f"study {study.study_name!r} in {redact(self.storage_url)} was created to "
                 f"{study.direction.name.lower()}, this sweep asks to {self.direction}; choose another study_name"
             )
+        study.set_metric_names([self.metric])
         # jobs build the study's pruner from here, to decide for themselves when to stop
         study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(self.config.hydra.sweeper.pruner))
         return study
@@ -273,6 +297,10 @@ class OptunaSweep(Sweeper):
         self._check_settings()
         space, fixed = self._search_space(arguments)
         study = self._open_study(space)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        # as Hydra's own sweeper does: what was swept, which run names put first
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         if study.get_trials(deepcopy=False):
             study.sampler.reseed_rng()  # joining or resuming: do not replay the seeded draws already made
         log.info(f"study {study.study_name!r} in {redact(self.storage_url)}: {self.n_trials} trials, {self.direction}")
@@ -363,6 +391,9 @@ class OptunaSweep(Sweeper):
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn) -> TrialState:
         """COMPLETE with a finite value; PRUNED when the job said so; FAIL with its reason otherwise."""
+        if study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING:
+            for key, value in job_attributes(ret, trial.params).items():
+                trial.set_user_attr(key, value)
         try:
             value = float(ret.return_value)  # re-raises what the job raised
         except optuna.TrialPruned:

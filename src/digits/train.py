@@ -24,8 +24,9 @@ from digits.artifacts import (
     write_json,
 )
 from digits.callbacks import EpochTimer, RunRecord
-from digits.config import build, check_run, requeued, resume_checkpoint
+from digits.config import SWEEP_RUNS, build, check_run, requeued, resume_checkpoint
 from digits.errors import DigitsError
+from digits.hparams import hyperparameters, write_tensorboard
 from digits.module import Classifier
 
 log = logging.getLogger(__name__)
@@ -67,22 +68,6 @@ def build_trainer(cfg: DictConfig, record: dict[str, Any]) -> L.Trainer:
         if pruner := pruning_callback(cfg.optuna):
             callbacks.append(pruner)
     return build(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks)
-
-
-def hyperparameters(cfg: DictConfig, num_parameters: int) -> dict[str, Any]:
-    """What the TensorBoard HParams tab compares runs by: choices, then every model/optimizer key."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    params: dict[str, Any] = {
-        g: choices.get(g) or "" for g in ("experiment", "data", "model", "optimizer", "scheduler")
-    }
-    params |= {"seed": cfg.seed, "params": num_parameters, "max_epochs": cfg.trainer.max_epochs}
-    if cfg.get("optuna") and cfg.optuna.trial is not None:
-        params |= {"optuna.study": cfg.optuna.study_name, "optuna.trial": cfg.optuna.trial}
-    data_keys = ("batch_size", "val_size", "train_size", "loader", "translate", "rotate", "zoom", "flip")
-    params |= {f"data.{k}": cfg.data[k] for k in data_keys}
-    for group in ("model", "optimizer"):
-        params |= {f"{group}.{k}": v for k, v in cfg[group].items() if not k.startswith("_")}
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()}
 
 
 def check_checkpoint(path: str, module: Classifier, dataset: str | None = None) -> dict[str, Any]:
@@ -147,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test_error_pct": 100 * (1 - tested["test/acc"]),
         "test_loss": tested["test/loss"],
         "test_mse": tested["test/mse"],
-        "best_val_acc": float(module.val_acc_best.compute()),
+        "best_val_acc": module.best_val_acc if module.best_val_acc is not None else float("nan"),
         "params": module.num_parameters,
         "epochs": trainer.current_epoch,
         "train_seconds": train_seconds,
@@ -162,21 +147,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best,
     }
     if trainer.is_global_zero:
-        hparams = hyperparameters(cfg, module.num_parameters)
-        hp_metrics = {f"hp/{k}": metrics[k] for k in HP_METRICS}
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        hparams = hyperparameters(cfg, choices, module.num_parameters)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs these metrics with the run
-                logger.log_hyperparams(hparams, hp_metrics)
+            if isinstance(logger, TensorBoardLogger):
+                write_tensorboard(logger.experiment, hparams)
             else:
                 logger.log_hyperparams(hparams)
-                logger.log_metrics(hp_metrics)
             logger.save()
         write_json(run_dir / "metrics.json", metrics)
         log.info(summary(metrics, str(run_dir)))
     return metrics
-
-
-HP_METRICS = ("best_val_acc", "test_acc", "test_loss", "test_mse")
 
 
 def device_name(device: torch.device) -> str:
@@ -199,6 +180,16 @@ def summary(m: dict[str, Any], run_dir: str) -> str:
     )
 
 
+def list_in_sweep(sweep_dir: Path, run_dir: Path) -> None:
+    """Name a multirun job's run dir in its sweep's `runs.txt` (once: a job SLURM starts again is listed)."""
+    listing = sweep_dir / SWEEP_RUNS
+    if listing.is_file() and str(run_dir) in listing.read_text().splitlines():
+        return
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(listing, "a") as f:  # one short append per job: jobs finishing together do not mix lines
+        f.write(f"{run_dir}\n")
+
+
 def run(cfg: DictConfig) -> float:
     """The Hydra task: train, and return best val accuracy for a sweeper to maximise.
 
@@ -206,7 +197,9 @@ def run(cfg: DictConfig) -> float:
     the entry point prints a user's mistake as one line and a bug as a traceback. In a multirun the
     error goes to the sweeper, which records the job as failed and keeps its dir.
     """
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    hydra = HydraConfig.get()
+    if hydra.mode == RunMode.MULTIRUN:
+        list_in_sweep(Path(hydra.sweep.dir), Path(cfg.paths.output_dir))
         return train(cfg)["best_val_acc"]
     with discarded_on_error(Path(cfg.paths.output_dir), Path(cfg.paths.log_dir)):
         return train(cfg)["best_val_acc"]

@@ -82,6 +82,8 @@ class DigitsOptunaSweeperConf:
     sampler: Any = MISSING
     pruner: Any = MISSING
     direction: str = "maximize"
+    # what the task returns, by name (optuna-dashboard's axis and column)
+    metric: str = "val/acc_best"
     # SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...), journal:<path> for a journal file,
     # or null for an in-memory study that dies with the process
     storage: str | None = None

@@ -1,0 +1,64 @@
+"""The per-epoch sums the LightningModule keeps on the device give what torchmetrics computes over the same batches."""
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MeanSquaredError
+from torchmetrics.classification import MulticlassAccuracy
+
+from digits import callbacks
+from digits.models import MLP
+from digits.module import Classifier
+
+
+@pytest.fixture
+def batches() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(1000, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (1000,), generator=generator)
+    return DataLoader(TensorDataset(images, labels), batch_size=300)  # a short last batch: means weigh by images
+
+
+def expected(net: torch.nn.Module, batches: DataLoader) -> dict[str, float]:
+    accuracy, mse = MulticlassAccuracy(10, average="micro"), MeanSquaredError()
+    loss, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logits = net(x)
+            accuracy.update(logits, y)
+            mse.update(logits.softmax(-1), F.one_hot(y, 10).float())
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            count += len(y)
+    return {"acc": accuracy.compute().item(), "mse": mse.compute().item(), "loss": loss / count}
+
+
+def test_epoch_metrics_equal_torchmetrics_over_the_same_batches(batches):
+    torch.manual_seed(0)
+    module = Classifier(MLP(hidden_size=32), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    results = callbacks.TestResults(figures=False)
+    trainer.callbacks.append(results)
+    want = expected(module.net.eval(), batches)
+    for stage, run in (("val", trainer.validate), ("test", trainer.test)):
+        got = run(module, dataloaders=batches, verbose=False)[0]
+        for name in ("acc", "mse", "loss"):
+            assert got[f"{stage}/{name}"] == pytest.approx(want[name], rel=1e-5), (stage, name)
+    assert results.confusion.sum() == 1000
+    assert results.confusion.diag().sum() / 1000 == pytest.approx(want["acc"], abs=1e-6)
+
+
+def test_train_epoch_metrics_weigh_each_image_once(batches):
+    """Training's loss and accuracy are those of each batch as it was trained on, weighted by its images."""
+    torch.manual_seed(0)
+    net = MLP(hidden_size=32)
+    module = Classifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))  # the weights stay: each batch the same
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    want = expected(net, batches)
+    trainer.fit(module, train_dataloaders=batches)
+    assert trainer.callback_metrics["train/acc"].item() == pytest.approx(want["acc"], rel=1e-5)
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(want["loss"], rel=1e-5)
