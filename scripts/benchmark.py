@@ -3,9 +3,11 @@
     python scripts/benchmark.py                      # whatever device is there
     python scripts/benchmark.py --device cpu --epochs 2 --json logs/bench.json
 
-Prints a Markdown table and writes JSON. Start-up, data preparation and compile time are their
-own rows, never folded into training time. The torch DataLoader rows are the baseline: the ratio
-column divides the device loader's samples/s by theirs, same model, same batch size.
+Prints Markdown tables and writes JSON. Start-up, data preparation and compile time are their
+own rows, never folded into training time. The torch DataLoader rows are the data path's baseline: the
+ratio column divides the device loader's samples/s by theirs, same model, same batch size. The framework's
+baseline is a hand-written PyTorch loop (`digits.baseline`), run interleaved with the framework inside one
+fit: digits/raw per step (median and IQR over blocks of 20 steps) and per epoch.
 """
 
 import argparse
@@ -65,6 +67,25 @@ def data_seconds(data_dir: str, device: str) -> float:
     return time.perf_counter() - start
 
 
+def raw_loop_ratio(args: argparse.Namespace, out: Path, model: str) -> dict:
+    """One fit of `model` with `digits.baseline.InterleavedBaseline`: blocks of 20 framework steps, each followed
+    by 20 steps of the hand-written loop on the same device, data and optimizer, timed in the same process."""
+    timings = out / f"raw_{model}.json"
+    cfg = config(
+        args.device, out, f"model={model}", f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}"
+    )
+    with open_dict(cfg):
+        cfg.callbacks.raw_loop = {"_target_": "digits.baseline.InterleavedBaseline", "out": str(timings)}
+    m = train(cfg)
+    t = json.loads(timings.read_text())
+    steps = m["epochs"] * -(-m["train_size"] // args.batch_size)
+    framework = sum(m["epoch_seconds"]) - sum(t["raw_block_s"])  # the epochs without the raw blocks inside them
+    row = {"model": model, **{k: t[k] for k in ("raw_step_s", "step_ratio_median", "step_ratio_iqr")}}
+    row["epoch_ratio"] = framework / (t["raw_step_s"] * steps)
+    print(f"{model:7s} raw loop {1000 * row['raw_step_s']:.2f} ms/step, digits/raw {row['step_ratio_median']:.2f}")
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,6 +96,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="for the torch loader")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile for each model")
     parser.add_argument("--no-fast", action="store_true", help="skip the time-to-99% run of experiment=mnist_fast")
+    parser.add_argument("--no-raw", action="store_true", help="skip the comparison with a hand-written loop")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[1] / "logs" / "benchmark.json")
     args = parser.parse_args()
 
@@ -119,6 +141,8 @@ def main() -> None:
         rows.append(row)
         print(f"{model:7s} {row['loader']:18s} {row['samples_per_s']:12,.0f} samples/s  epoch {epoch:.2f} s")
 
+    raw_rows = [] if args.no_raw else [raw_loop_ratio(args, out, model) for model in args.models.split(",")]
+
     baseline = {r["model"]: r["samples_per_s"] for r in rows if r["loader"] == "torch"}
     for r in rows:
         r["vs_torch_loader"] = r["samples_per_s"] / baseline[r["model"]] if r["model"] in baseline else None
@@ -144,6 +168,16 @@ def main() -> None:
             f"| {r['model']} | {r['loader']} | {r['batch']} | {r['samples_per_s']:,.0f} | {r['epoch_s']:.2f} "
             f"| {ratio} | {r['peak_mem_mb']:,.0f} | {r['precision']} |"
         )
+    if raw_rows:
+        print("\n### digits against a hand-written PyTorch loop (interleaved in one fit, device loader)\n")
+        print("| model | raw step ms | digits / raw per step (IQR) | digits / raw per epoch |")
+        print("|---|---:|---:|---:|")
+        for r in raw_rows:
+            low, high = r["step_ratio_iqr"]
+            print(
+                f"| {r['model']} | {1000 * r['raw_step_s']:.2f} | {r['step_ratio_median']:.2f} ({low:.2f}-{high:.2f}) "
+                f"| {r['epoch_ratio']:.2f} |"
+            )
     print("\n| overhead | seconds |\n|---|---:|")
     for name, seconds in overheads.items():
         print(f"| {name} | {seconds:.2f} |")
@@ -153,11 +187,8 @@ def main() -> None:
             f"{fast['train_seconds']:.2f} s of training (fit, validation included; start-up and data not counted)"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {"machine": machine, "device": args.device, "rows": rows, "overheads_s": overheads, "fast": fast}, indent=2
-        )
-    )
+    results = {"machine": machine, "device": args.device, "rows": rows, "raw_loop": raw_rows, "overheads_s": overheads}
+    args.json.write_text(json.dumps(results | {"fast": fast}, indent=2))
     print(f"\nwrote {args.json}")
 
 

@@ -139,7 +139,7 @@ def run(bin_dir: Path, command: str, *args: str, cwd: Path) -> subprocess.Comple
 def test_the_installed_commands_work_from_an_empty_directory(installed, workdir):
     done = run(installed, "digits-train", "debug=fast", "model=mlp", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    (run_dir,) = (workdir / "logs" / "runs").glob("mnist_mlp_*/*")
+    (run_dir,) = (workdir / "logs" / "runs").glob("mlp_mnist_*/*")
     assert (run_dir / "train.log").exists() and (run_dir / "metrics.json").exists()
     where = run(installed, "python", "-c", "import digits.entry; print(digits.entry.__file__)", cwd=workdir)
     assert Path(where.stdout.strip()).is_relative_to(installed.parent), "digits runs from the wheel, not the checkout"

@@ -346,3 +346,23 @@ def test_optimizer_study_runs_each_optimizer_at_its_own_default_lr():
             lrs[name] = (study.optimizer.lr, default)
     assert all(ours == default for ours, default in lrs.values()), lrs
     assert len({ours for ours, _ in lrs.values()}) == 3
+
+
+def test_a_sweeps_console_has_one_line_per_trial_and_no_warnings(tmp_path, data_dir):
+    log_dir = tmp_path / "logs"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"PYTHONWARNINGS": "default"}
+    cmd = sweep_cmd(log_dir, data_dir, "hydra.sweeper.n_trials=3", "logger=tensorboard")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=log_dir.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = (done.stdout + done.stderr).splitlines()
+    trial_lines = [line for line in console if "] trial " in line]
+    assert [line.split("] trial ")[1].split(" ")[:2] for line in trial_lines] == [
+        [str(n), "COMPLETE"] for n in range(3)
+    ]
+    assert all(" s: model.hidden_size=" in line for line in trial_lines)  # seconds and params on the same line
+    assert not [line for line in console if "Warning" in line or "warn(" in line], console
+    assert not [line for line in console if "Epoch 0" in line or "Trainable params" in line]  # bars, summaries
+    assert len(console) <= 10, console
+    # the detail is in each run's own log
+    (run,) = log_dir.glob("runs/*/*_trial0")
+    assert "test accuracy" in (run / "train.log").read_text()

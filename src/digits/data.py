@@ -137,6 +137,12 @@ class DeviceLoader:
         self.resume_at = state["batches_trained"] if state["batches_trained"] < len(self) else 0
 
 
+# A sweep's trials in one process check and read the dataset files once (our own: torchvision reads and
+# checks them on every dataset it builds)
+_VERIFIED: set[tuple[Any, ...]] = set()
+_READ: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 class DigitsDataModule(L.LightningDataModule):
     """A torchvision dataset in MNIST's format (28×28 grayscale IDX files: MNIST, Fashion-MNIST, KMNIST,
     or a subclass of torchvision's `MNIST` of one's own), split, normalised and served in batches.
@@ -210,10 +216,22 @@ class DigitsDataModule(L.LightningDataModule):
     def raw_dir(self) -> Path:
         return self.data_dir / self.name / "raw"
 
+    def _files(self) -> tuple[Any, ...]:
+        """The dataset's class, where its files are, and each file's name, size and time: what a process's
+        cache of checked and read files is keyed by (a file changed since is checked and read again)."""
+        found = sorted(self.raw_dir.glob("*")) if self.raw_dir.is_dir() else []
+        return (
+            self.dataset_cls,
+            str(self.data_dir),
+            tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in found),
+        )
+
     def prepare_data(self) -> None:
-        """Fetch (when missing and allowed) and verify the official files; rank 0 only."""
+        """Fetch (when missing and allowed) and verify the official files; rank 0 only, once per process."""
         if self.data_dir.exists() and not self.data_dir.is_dir():
             raise DigitsError(f"data.data_dir={str(self.data_dir)!r} is a file; expected a directory for the datasets")
+        if self._files() in _VERIFIED:
+            return
         try:
             for train in (True, False):
                 self.dataset_cls(str(self.data_dir), train=train, download=self.download)
@@ -227,6 +245,7 @@ class DigitsDataModule(L.LightningDataModule):
             path = self.raw_dir / filename
             if path.exists() and not check_integrity(str(path), md5):
                 raise DigitsError(f"{path} fails its md5 check (expected {md5}); delete it and download it again")
+        _VERIFIED.add(self._files())
 
     def _describe_missing_data(self, err: RuntimeError) -> str:
         for filename, md5 in self.dataset_cls.resources:
@@ -279,9 +298,13 @@ class DigitsDataModule(L.LightningDataModule):
 
     def load_tensors(self, train: bool, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The whole official split as normalised N×1×28×28 floats and int64 labels on `device`."""
-        ds = self.dataset_cls(str(self.data_dir), train=train)
-        images = ds.data.to(device).unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
-        return images, ds.targets.to(device)
+        key = (*self._files(), train)
+        if key not in _READ:
+            ds = self.dataset_cls(str(self.data_dir), train=train)
+            _READ[key] = ds.data, ds.targets
+        data, targets = _READ[key]
+        images = data.to(device).unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
+        return images, targets.clone().to(device)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader | DeviceLoader:
         data = self._splits[split]

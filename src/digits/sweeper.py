@@ -261,7 +261,9 @@ class OptunaSweep(Sweeper):
                 f"study {study.study_name!r} in {redact(self.storage_url)} was created to "
                 f"{study.direction.name.lower()}, this sweep asks to {self.direction}; choose another study_name"
             )
-        study.set_metric_names([self.metric])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable in use since 3.2
+            study.set_metric_names([self.metric])
         # jobs build the study's pruner from here, to decide for themselves when to stop
         study.set_user_attr(PRUNER_ATTR, OmegaConf.to_container(self.config.hydra.sweeper.pruner))
         return study
@@ -306,6 +308,8 @@ class OptunaSweep(Sweeper):
         log.info(f"study {study.study_name!r} in {redact(self.storage_url)}: {self.n_trials} trials, {self.direction}")
         log.info("search space: " + ", ".join(f"{k} ~ {v}" for k, v in space.items()))
         finished: Counter[str] = Counter()
+        # one line per trial on the console (ours, when it is told): the launcher's own lines go to the log file
+        logging.getLogger(type(self.launcher).__module__).setLevel(logging.WARNING)
         while trials := self._ask_batch(study, space) or self._wait_for_other_workers(study, space):
             overrides = [self._overrides(study, trial, fixed) for trial in trials]
             with self._heartbeats(trials):
@@ -346,7 +350,10 @@ class OptunaSweep(Sweeper):
         for _ in range(self.n_jobs):
             if budget_used(study) >= self.n_trials:
                 break
-            trial = study.ask(space)
+            with warnings.catch_warnings():
+                # our own thread beats for the trials we ask and tell, as Study.optimize's would
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
+                trial = study.ask(space)
             if self.rdb is not None and self.heartbeat_interval:
                 self.rdb.record_heartbeat(trial._trial_id)  # alive from its first moment, not from its launch
             for key, value in worker_label().items():
@@ -363,7 +370,6 @@ class OptunaSweep(Sweeper):
         params = [f"{k}={v}" for k, v in trial.params.items()]
         storage = f"'{self.storage_url}'" if self.storage_url else "null"
         job = [f"optuna.trial={trial.number}", f"optuna.study_name='{study.study_name}'", f"optuna.storage={storage}"]
-        log.info(f"trial {trial.number}: " + " ".join(params))
         return (*fixed, *params, *job)
 
     @contextmanager
@@ -398,21 +404,28 @@ class OptunaSweep(Sweeper):
             value = float(ret.return_value)  # re-raises what the job raised
         except optuna.TrialPruned:
             finish(study, trial, state=TrialState.PRUNED)
-            log.info(f"trial {trial.number} pruned")
+            log.info(self._trial_line(study, trial, "PRUNED"))
             return TrialState.PRUNED
         except Exception as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         else:
             if math.isfinite(value):
                 finish(study, trial, values=value)
-                log.info(f"trial {trial.number} complete: {value:.6g}")
+                log.info(self._trial_line(study, trial, f"COMPLETE {self.metric}={value:.6g}"))
                 return TrialState.COMPLETE
             reason = f"the job returned {value}"
         if study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING:
             trial.set_user_attr(FAIL_REASON, reason)
         finish(study, trial, state=TrialState.FAIL)
-        log.warning(f"trial {trial.number} failed: {reason}")
+        log.warning(self._trial_line(study, trial, f"FAIL ({reason})"))
         return TrialState.FAIL
+
+    def _trial_line(self, study: optuna.Study, trial: optuna.Trial, outcome: str) -> str:
+        """A trial's one console line: number, outcome, seconds, params."""
+        told = study.get_trials(deepcopy=False)[trial.number]
+        seconds = (told.datetime_complete - told.datetime_start).total_seconds() if told.datetime_complete else 0.0
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        return f"trial {trial.number} {outcome} in {seconds:.1f} s: {params}"
 
     def _write_results(self, study: optuna.Study, fixed: list[str]) -> None:
         """optimization_results.yaml in the sweep dir: counts, best value and params, the command to rerun it."""

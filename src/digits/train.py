@@ -2,8 +2,12 @@
 
 import logging
 import os
+import re
 import signal
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +62,29 @@ def build_module(cfg: DictConfig) -> Classifier:
     )
 
 
-def build_trainer(cfg: DictConfig, record: dict[str, Any]) -> L.Trainer:
+# Lightning's warnings that do not apply to digits runs, silenced where they are raised
+UNDERSTOOD_WARNINGS = (
+    "The `srun` command is available",  # submitit starts SLURM jobs through srun; outside SLURM none is needed
+    "The number of training batches",  # metrics are logged per epoch: the step interval does not apply
+    "`isinstance(treespec, LeafSpec)` is deprecated",  # inside Lightning, about torch's API
+)
+
+
+def build_trainer(cfg: DictConfig, record: dict[str, Any], quiet: bool = False) -> L.Trainer:
+    """The configured Trainer; `quiet` (a multirun's job) drops the progress bar and model summary unless the
+    trainer config asks for them."""
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
-    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
+    bar = not quiet or cfg.trainer.get("enable_progress_bar", False)
+    nodes = {name: node for name, node in (cfg.get("callbacks") or {}).items() if bar or name != "progress_bar"}
+    callbacks = [build(node, f"callbacks.{name}") for name, node in nodes.items()]
     callbacks += [EpochTimer(), RunRecord(record)]
     if cfg.get("optuna") and cfg.optuna.get("trial") is not None:  # a sweep's trial: Optuna only then
         from digits.trials import pruning_callback
 
         if pruner := pruning_callback(cfg.optuna):
             callbacks.append(pruner)
-    return build(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks)
+    quieted = {k: False for k in ("enable_progress_bar", "enable_model_summary") if quiet and k not in cfg.trainer}
+    return build(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks, **quieted)
 
 
 def check_checkpoint(path: str, module: Classifier, dataset: str | None = None) -> dict[str, Any]:
@@ -95,9 +112,12 @@ def run_record(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     }
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit and test the configured model; returns the metrics also written to `metrics.json`."""
+def train(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
+    """Fit and test the configured model; returns the metrics also written to `metrics.json`. `quiet`: no
+    progress bar, model summary or Lightning notices (a multirun's job)."""
     check_run(cfg)
+    for message in UNDERSTOOD_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     configure_backends()
     run_dir = Path(cfg.paths.output_dir)
@@ -112,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint(str(ckpt_path), module, datamodule.name)
         log.info(f"resuming from {ckpt_path}")
     record = run_record(cfg, datamodule)
-    trainer = build_trainer(cfg, record)
+    trainer = build_trainer(cfg, record, quiet)
     if trainer.is_global_zero:
         write_json(run_dir / "versions.json", record["versions"])
 
@@ -190,6 +210,27 @@ def list_in_sweep(sweep_dir: Path, run_dir: Path) -> None:
         f.write(f"{run_dir}\n")
 
 
+@contextmanager
+def console_quiet() -> Iterator[None]:
+    """A multirun's job logs to its run's train.log only, warnings aside: the sweep's console keeps one line
+    per trial."""
+    consoles = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+    levels = [h.level for h in consoles]
+    lightning = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    lightning_levels = [lg.level for lg in lightning]
+    for handler in consoles:
+        handler.setLevel(logging.WARNING)
+    for lg in lightning:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels, strict=True):
+            handler.setLevel(level)
+        for lg, level in zip(lightning, lightning_levels, strict=True):
+            lg.setLevel(level)
+
+
 def run(cfg: DictConfig) -> float:
     """The Hydra task: train, and return best val accuracy for a sweeper to maximise.
 
@@ -200,6 +241,7 @@ def run(cfg: DictConfig) -> float:
     hydra = HydraConfig.get()
     if hydra.mode == RunMode.MULTIRUN:
         list_in_sweep(Path(hydra.sweep.dir), Path(cfg.paths.output_dir))
-        return train(cfg)["best_val_acc"]
+        with console_quiet():
+            return train(cfg, quiet=True)["best_val_acc"]
     with discarded_on_error(Path(cfg.paths.output_dir), Path(cfg.paths.log_dir)):
         return train(cfg)["best_val_acc"]

@@ -34,7 +34,9 @@ def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
     # SQLite: wait for a writer from another process instead of failing at once
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     retries = 4
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable in use since 2.8
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
     while True:
         try:
             with warnings.catch_warnings():
