@@ -47,6 +47,14 @@ class Classifier(L.LightningModule):
         self.best_val_acc: float | None = None
         self.channels_last = False
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets this name around every hook call, some 40 times a step; nn.Module's checks for
+        # parameters, buffers and submodules on each cost a tenth of a small MLP's step
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def num_parameters(self) -> int:
         return count_parameters(self.net)

@@ -1,5 +1,6 @@
 """One training run: seed → instantiate → fit → test → metrics.json → the value a sweeper optimises."""
 
+import ctypes
 import logging
 import os
 import re
@@ -42,11 +43,28 @@ def configure_backends() -> None:
     # Lightning sets this at import: every torch.cuda.is_available() (Adam asks on each step) would dlopen
     # NVML again on a machine without a GPU; torch's own check is cached and just as exact here
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    keep_freed_memory()
     if cores := os.environ.get("SLURM_CPUS_PER_TASK"):
         torch.set_num_threads(int(cores))
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.benchmark = True
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> None:
+    """glibc's malloc hands each step's freed activations (tens of MB) back to the OS and faults them in again
+    on the next step; with large trim and mmap thresholds it keeps them for reuse. The same as starting with
+    MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set; a no-op where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 256 << 20)
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def build_module(cfg: DictConfig) -> Classifier:
