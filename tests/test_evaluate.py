@@ -5,13 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import ROOT, read_events, run_train
 from digits.data import shipped
-from digits.evaluate import frame
+from digits.images import frame
 
 
 def run_script(script: str, *args: str, log_dir: Path) -> subprocess.CompletedProcess:
@@ -118,3 +119,91 @@ def test_frame_scales_the_ink_box_and_centres_it(box, by_mass):
     centre = (rows.float().mean().item(), cols.float().mean().item())
     assert centre == (pytest.approx(13.5, abs=0.6), pytest.approx(13.5, abs=0.6))
     assert frame(torch.full((50, 50), 0.3), 0.3, box, by_mass).abs().sum() == 0  # no ink: a blank canvas
+
+
+@pytest.fixture(scope="module")
+def digits_on_disk(tmp_path_factory, data_dir) -> Path:
+    """The first 12 MNIST test images as PNG files: 6 in a folder, 6 in a subfolder, some with awkward names."""
+    root = tmp_path_factory.mktemp("mine")
+    raw = shipped("mnist", data_dir=data_dir).dataset_cls(str(data_dir), train=False)
+    (root / "more").mkdir()
+    names = [f"digit {i} (copy, {i}).png" if i % 3 == 0 else f"d{i}.png" for i in range(12)]
+    for i, name in enumerate(names):
+        where = root if i < 6 else root / "more"
+        Image.fromarray(raw.data[i].numpy()).resize((56, 56)).save(where / name)
+    return root
+
+
+def predicted(done: subprocess.CompletedProcess) -> dict[str, dict]:
+    return {Path(r["input"]).name: r for r in json.loads(done.stdout)}
+
+
+def test_predict_takes_directories_globs_bare_paths_and_list_files(trained, digits_on_disk, tmp_path):
+    ckpt, _, log_dir = trained
+    root = digits_on_disk
+    by_dir = run_script("predict.py", f"ckpt_path={ckpt}", str(root), "--json", log_dir=log_dir)
+    assert by_dir.returncode == 0, by_dir.stderr[-2000:]
+    rows = predicted(by_dir)
+    assert len(rows) == 12  # the folder and its subfolder, recursively
+    assert all({"second", "second_probability", "low_confidence"} <= r.keys() for r in rows.values())
+    # a glob, a bare path with parentheses and commas, one inputs= path without brackets, a list file
+    odd = root / "digit 3 (copy, 3).png"
+    by_glob = run_script(
+        "predict.py", f"ckpt_path={ckpt}", str(root / "more" / "*.png"), str(odd), "--json", log_dir=log_dir
+    )
+    assert sorted(predicted(by_glob)) == sorted([p.name for p in (root / "more").glob("*.png")] + [odd.name])
+    single = run_script("predict.py", f"ckpt_path={ckpt}", f"inputs={root / 'd1.png'}", "--json", log_dir=log_dir)
+    assert list(predicted(single)) == ["d1.png"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in sorted(root.rglob("*.png"))))
+    by_list = run_script("predict.py", f"ckpt_path={ckpt}", f"inputs_from={listing}", "--json", log_dir=log_dir)
+    assert predicted(by_list) == rows  # the same answers, whichever way the files were named
+
+
+def test_batched_predictions_equal_one_by_one_and_the_views_are_saved(trained, digits_on_disk, tmp_path):
+    ckpt, _, log_dir = trained
+    root = digits_on_disk
+    files = sorted(root.glob("*.png"))
+    together = run_script(
+        "predict.py",
+        f"ckpt_path={ckpt}",
+        *map(str, files),
+        f"save_inputs={tmp_path / 'seen'}",
+        "--json",
+        log_dir=log_dir,
+    )
+    rows = predicted(together)
+    for path in files[:3]:
+        alone = predicted(run_script("predict.py", f"ckpt_path={ckpt}", str(path), "--json", log_dir=log_dir))[
+            path.name
+        ]
+        assert alone["label"] == rows[path.name]["label"]
+        assert alone["probability"] == pytest.approx(rows[path.name]["probability"], abs=1e-5)
+    seen = sorted((tmp_path / "seen").glob("*.png"))
+    assert len(seen) == len(files) and Image.open(seen[0]).size == (28, 28)
+
+
+def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_path):
+    ckpt, _, log_dir = trained
+    raw = shipped("mnist", data_dir=data_dir).dataset_cls(str(data_dir), train=False)
+    seven = Image.fromarray(255 - raw.data[0].numpy()).resize((84, 84))  # black on white, a 7
+    Image.fromarray(np.asarray(seven, dtype=np.uint16) * 257).save(tmp_path / "sixteen.png")  # 16-bit gray
+    seven.convert("P").save(tmp_path / "palette.png")
+    blank = Image.new("L", (84, 84), 255)
+    blank.save(tmp_path / "anim.gif", save_all=True, append_images=[seven], duration=100)  # a blank first frame
+    rotated = seven.rotate(90, expand=True)  # stored on its side (PIL turns anticlockwise); EXIF says so
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored turned 90° anticlockwise, to be turned clockwise to view
+    rotated.save(tmp_path / "exif.jpg", exif=exif, quality=95)
+    blank.save(tmp_path / "blank.png")
+    Image.new("L", (1, 1), 0).save(tmp_path / "dot.png")
+    Image.new("1", (12000, 12000), 1).save(tmp_path / "bomb.png")  # 144 MP of white, a few hundred KB
+    names = ["sixteen.png", "palette.png", "anim.gif", "exif.jpg", "blank.png", "dot.png", "bomb.png"]
+    done = run_script("predict.py", f"ckpt_path={ckpt}", *(str(tmp_path / n) for n in names), "--json", log_dir=log_dir)
+    assert done.returncode == 1 and "Traceback" not in done.stderr  # some inputs refused, the others answered
+    rows = predicted(done)
+    for name in ("sixteen.png", "palette.png", "anim.gif", "exif.jpg"):
+        assert rows[name].get("class") == "7 - seven", (name, rows[name])
+    for name in ("blank.png", "dot.png"):
+        assert rows[name]["error"].startswith("no ink found"), rows[name]
+    assert "over the limit" in rows["bomb.png"]["error"]

@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from digits.cli import run_cli, task
+from digits.config import VALUED_FLAGS
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -45,7 +46,7 @@ def eval_app(cfg: DictConfig) -> None:
 def predict_app(cfg: DictConfig) -> None:
     from digits.evaluate import prediction_table, run_predict
 
-    rows = run_predict(cfg)
+    rows = run_predict(cfg, EXTRA_INPUTS)
     print(json.dumps(rows, indent=2) if cfg.format == "json" else prediction_table(rows))
     if any("error" in r for r in rows):
         sys.exit(1)
@@ -71,9 +72,20 @@ def evaluate() -> None:
     run_cli(eval_app)
 
 
+EXTRA_INPUTS: list[str] = []  # predict's bare arguments: image files, directories, globs
+
+
 def predict() -> None:
-    """Predict with a checkpoint: `digits-predict ckpt_path=<file> inputs=[a.png] test_index=0:5 [--json]`."""
-    sys.argv = ["format=json" if a == "--json" else a for a in sys.argv]
+    """Predict with a checkpoint: `digits-predict ckpt_path=<file> a.png photos/ 'scans/*.jpg' [--json]`
+    (or `inputs=[...]`, `inputs_from=<list file or ->`, `test_index=0:5`)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("-") or "=" in arg:
+            skip = not skip and arg in VALUED_FLAGS
+            args.append("format=json" if arg == "--json" else arg)
+        else:  # not an override: an input, whatever characters its name has
+            EXTRA_INPUTS.append(arg)
+    sys.argv = [sys.argv[0], *args]
     run_cli(predict_app)
 
 

@@ -1,21 +1,22 @@
 """Evaluate and predict with any checkpoint of a digits run; model and data come from the run's config."""
 
 import csv
-import io
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from tqdm import tqdm
 
 from digits.artifacts import check_weights, checkpoint_record, load_checkpoint, write_json
 from digits.callbacks import TAGS, TestResults
 from digits.config import build
-from digits.data import DigitsDataModule
 from digits.errors import DigitsError
+from digits.images import find_inputs, model_view, read_gray
 from digits.module import Classifier
 from digits.train import build_module, device_name
 
@@ -119,70 +120,26 @@ def per_class_table(report: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def image_to_tensor(path: str | Path, datamodule: DigitsDataModule) -> torch.Tensor:
-    """Any image file as the model saw its training data: 1×1×28×28, white on black, normalised.
-
-    A 28×28 image is taken as it is (the datasets' own format); any other size is framed the way
-    the dataset's own images were (`frame`).
-    """
-    try:
-        data = Path(path).read_bytes()
-        if not data:
-            raise DigitsError(f"{path}: the file is empty")
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError) as err:
-        raise DigitsError(f"{path}: not a readable image ({type(err).__name__})") from None
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # drawn on a transparent sheet
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    gray = image.convert("L")
-    x = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(gray.height, gray.width).float() / 255
-    paper = _border_median(x)
-    if paper > 0.5:  # dark ink on light paper: flip to MNIST's white on black
-        x, paper = 1 - x, 1 - paper
-    if x.shape != (28, 28):
-        x = frame(x, paper, datamodule.frame_box, datamodule.frame_by_mass)
-    return ((x - datamodule.mean) / datamodule.std).view(1, 1, 28, 28)
-
-
-def frame(x: torch.Tensor, paper: float, box: int, by_mass: bool) -> torch.Tensor:
-    """White-on-black ink as the datasets framed theirs: the paper's tone taken off and the ink stretched to
-    full contrast, its bounding box scaled to fit `box`×`box` (aspect kept), then placed on a 28×28 canvas,
-    centred by its centre of mass (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28)."""
-    ink = ((x - paper) / max(x.max().item() - paper, 1e-6)).clamp(0, 1)
-    rows, cols = (ink > 0.1).nonzero(as_tuple=True)
-    if not len(rows):
-        return torch.zeros(28, 28)
-    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    scale = box / max(ink.shape)
-    h, w = (max(1, round(side * scale)) for side in ink.shape)
-    ink = F.interpolate(ink[None, None], size=(h, w), mode="area" if scale < 1 else "bilinear")[0, 0]
-    top, left = (28 - h) // 2, (28 - w) // 2
-    if by_mass:
-        mass = ink.sum().clamp(min=1e-6)
-        cy = (ink.sum(1) * torch.arange(h)).sum() / mass
-        cx = (ink.sum(0) * torch.arange(w)).sum() / mass
-        top = min(max(round(13.5 - cy.item()), 0), 28 - h)
-        left = min(max(round(13.5 - cx.item()), 0), 28 - w)
-    canvas = torch.zeros(28, 28)
-    canvas[top : top + h, left : left + w] = ink
-    return canvas
-
-
-def _border_median(x: torch.Tensor) -> float:
-    """The median of the border pixels: the paper's tone."""
-    border = torch.cat([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])
-    return border.median().item()
-
-
 @torch.no_grad()
-def predict(module: Classifier, images: torch.Tensor, class_names: list[str]) -> list[dict[str, Any]]:
-    probs = module(images.to(module.device)).float().softmax(-1).cpu()
-    top = probs.max(-1)
-    return [
-        {"label": int(i), "class": class_names[int(i)], "probability": float(p)}
-        for p, i in zip(top.values, top.indices, strict=True)
-    ]
+def predict(
+    module: Classifier, images: torch.Tensor, class_names: list[str], batch_size: int = 512
+) -> list[dict[str, Any]]:
+    """The two likeliest classes of each image, in batches."""
+    rows = []
+    for batch in images.split(batch_size):
+        probs = module(batch.to(module.device)).float().softmax(-1).cpu()
+        top = probs.topk(2, dim=-1)
+        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            rows.append(
+                {
+                    "label": i[0],
+                    "class": class_names[i[0]],
+                    "probability": p[0],
+                    "second": class_names[i[1]],
+                    "second_probability": p[1],
+                }
+            )
+    return rows
 
 
 def parse_test_index(value: Any, test_size: int) -> list[int]:
@@ -199,8 +156,9 @@ def parse_test_index(value: Any, test_size: int) -> list[int]:
     return indices
 
 
-def run_predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Predictions for `test_index` and `inputs`; an unreadable input gets an error row, the rest answers."""
+def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Predictions for `test_index` and every image `inputs`, `inputs_from` and `extra_inputs` name, read and
+    predicted in batches; an unreadable or blank image gets an error row and the rest are answered."""
     run_cfg, checkpoint = load_run(cfg.ckpt_path, cfg.paths)
     datamodule = build(run_cfg.data, "data")
     module = load_model(run_cfg, checkpoint, cfg.ckpt_path)
@@ -212,25 +170,64 @@ def run_predict(cfg: DictConfig) -> list[dict[str, Any]]:
         indices = parse_test_index(cfg.test_index, len(labels))
         for i, row in zip(indices, predict(module, images[indices], names), strict=True):
             rows.append({"input": f"test[{i}]", **row, "true": names[int(labels[i])]})
-    for path in cfg.inputs or []:
+    paths = list(find_inputs([*input_entries(cfg), *extra_inputs]))
+    slots: list[dict[str, Any]] = []  # one row per path, in the order given
+    views, read = [], []
+    for path in tqdm(paths, desc="reading", unit="image", disable=len(paths) < 200 or not sys.stderr.isatty()):
+        slots.append({"input": str(path)})
         try:
-            image = image_to_tensor(path, datamodule)
+            views.append(model_view(read_gray(path), datamodule.frame_box, datamodule.frame_by_mass))
         except DigitsError as err:
-            rows.append({"input": str(path), "error": str(err)})
+            slots[-1]["error"] = str(err).removeprefix(f"{path}: ")
             continue
-        rows.append({"input": str(path), **predict(module, image, names)[0]})
+        read.append(len(slots) - 1)
+    if views:
+        batch = ((torch.stack(views) - datamodule.mean) / datamodule.std).unsqueeze(1)
+        for slot, row in zip(read, predict(module, batch, names), strict=True):
+            slots[slot] |= row
+        if cfg.get("save_inputs"):
+            save_views(Path(cfg.save_inputs), [paths[i] for i in read], views)
+    rows += slots
     if not rows:
-        raise DigitsError("nothing to predict; give inputs=[a.png,...] and/or test_index=0:5")
+        raise DigitsError(
+            "nothing to predict; give inputs=[a.png,dir/,'*.jpg'], inputs_from=<list or ->, or test_index=0:5"
+        )
+    threshold = cfg.get("low_confidence", 0.0)
+    for row in rows:
+        if "probability" in row:
+            row["low_confidence"] = row["probability"] < threshold
     return rows
+
+
+def input_entries(cfg: DictConfig) -> list[str]:
+    """`inputs` (one path, or a list) and the lines of `inputs_from` (a file, or `-` for stdin)."""
+    given = cfg.get("inputs") or []
+    entries = [given] if isinstance(given, str) else [str(e) for e in given]
+    source = cfg.get("inputs_from")
+    if source:
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        except OSError as err:
+            raise DigitsError(f"inputs_from={source!r}: {err.strerror}") from None
+        entries += [line.strip() for line in text.splitlines() if line.strip()]
+    return entries
+
+
+def save_views(out: Path, paths: list[Path], views: list[torch.Tensor]) -> None:
+    """Each image as the model saw it, 28×28 white on black, named after its file."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (path, view) in enumerate(zip(paths, views, strict=True)):
+        Image.fromarray((view * 255).round().byte().numpy()).save(out / f"{i:05d}_{path.stem}.png")
 
 
 def prediction_table(rows: list[dict[str, Any]]) -> str:
     width = max(len(r["input"]) for r in rows)
-    lines = [f"{'input':<{width}}  label  {'class':<14}  probability  true"]
+    lines = [f"{'input':<{width}}  label  {'class':<14}  probability  {'then':<14}  {'p':>6}  true"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['input']:<{width}}  error: {r['error']}")
         else:
-            answer = f"{r['label']:>5}  {r['class']:<14}  {r['probability']:11.4f}  {r.get('true', '')}"
-            lines.append(f"{r['input']:<{width}}  {answer}")
+            answer = f"{r['label']:>5}  {r['class']:<14}  {r['probability']:11.4f}  {r['second']:<14}  "
+            answer += f"{r['second_probability']:6.4f}  {r.get('true', '')}"
+            lines.append(f"{r['input']:<{width}}  {answer}{'  (low confidence)' if r.get('low_confidence') else ''}")
     return "\n".join(lines)

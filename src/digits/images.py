@@ -1,0 +1,118 @@
+"""Image files as a model's inputs: found (files, directories, globs, list files), read faithfully and within
+bounds, and framed the way the dataset's own images were."""
+
+import glob
+import io
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+
+from digits.errors import DigitsError
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+MAX_PIXELS = 40_000_000  # a phone photo is 12-50 MP; beyond this a file is refused before it is decoded
+INK = 0.1  # the least contrast, after the paper's tone is taken off, that counts as ink
+
+
+def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
+    """Each entry as the files it names: a file as itself, a directory as the images below it (recursively,
+    sorted), a pattern with `*`, `?` or `[` as the files it matches (`**` for any depth). A name that is
+    none of these is yielded as it is, to be reported as missing."""
+    for entry in entries:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+        elif not path.exists() and any(c in entry for c in "*?["):
+            yield from sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        else:
+            yield path
+
+
+def read_gray(path: Path) -> torch.Tensor:
+    """A file as H×W floats in [0, 1], white paper 1, as its pixels are meant to be seen: EXIF orientation
+    applied, 16-bit and palette images converted at full depth, a transparent canvas as white paper, the
+    first frame with anything on it of an animation."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DigitsError(f"{path}: {err.strerror or type(err).__name__}") from None
+    if not data:
+        raise DigitsError(f"{path}: the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_PIXELS:
+                raise DigitsError(f"{path}: {image.width}×{image.height} pixels is over the limit of {MAX_PIXELS:,}")
+            frames = [frame.copy() for frame in ImageSequence.Iterator(image)]
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DigitsError(f"{path}: over the limit of {MAX_PIXELS:,} pixels (a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DigitsError(f"{path}: not a readable image ({type(err).__name__})") from None
+    grays = [to_gray(ImageOps.exif_transpose(frame) if frame.getexif() else frame) for frame in frames]
+    drawn = [g for g in grays if g.max() - g.min() > INK]
+    return (drawn or grays)[0]
+
+
+def to_gray(image: Image.Image) -> torch.Tensor:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) gray: scaled by its own depth
+        values = np.asarray(image, dtype=np.float64)
+        full = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else float(values.max())
+        return torch.from_numpy(values / full).float()
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # drawn on a transparent sheet
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    gray = image.convert("L")
+    return torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(gray.height, gray.width).float() / 255
+
+
+def model_view(x: torch.Tensor, box: int, by_mass: bool) -> torch.Tensor:
+    """A gray image (paper 1 or 0) as the 28×28 white-on-black picture the model sees, before normalisation.
+
+    A 28×28 image is taken as it is (the datasets' own format); any other size is framed the way the
+    dataset's own images were (`frame`). Raises `DigitsError` where no ink stands out from the paper.
+    """
+    paper = border_median(x)
+    if paper > 0.5:  # dark ink on light paper: flip to MNIST's white on black
+        x, paper = 1 - x, 1 - paper
+    if x.max().item() - paper < INK:
+        raise DigitsError("no ink found: the image is blank or has no contrast")
+    return x if x.shape == (28, 28) else frame(x, paper, box, by_mass)
+
+
+def frame(x: torch.Tensor, paper: float, box: int, by_mass: bool) -> torch.Tensor:
+    """White-on-black ink as the datasets framed theirs: the paper's tone taken off and the ink stretched to
+    full contrast, its bounding box scaled to fit `box`×`box` (aspect kept) and stretched to full contrast
+    again, then placed on a 28×28 canvas,
+    centred by its centre of mass (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28)."""
+    ink = ((x - paper) / max(x.max().item() - paper, 1e-6)).clamp(0, 1)
+    rows, cols = (ink > INK).nonzero(as_tuple=True)
+    if not len(rows):
+        return torch.zeros(28, 28)
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = box / max(ink.shape)
+    h, w = (max(1, round(side * scale)) for side in ink.shape)
+    ink = F.interpolate(ink[None, None], size=(h, w), mode="area" if scale < 1 else "bilinear")[0, 0]
+    ink = ink / ink.max().clamp(min=1e-6)  # strokes softened by the scaling back to full contrast, as MNIST's are
+    top, left = (28 - h) // 2, (28 - w) // 2
+    if by_mass:
+        mass = ink.sum().clamp(min=1e-6)
+        cy = (ink.sum(1) * torch.arange(h)).sum() / mass
+        cx = (ink.sum(0) * torch.arange(w)).sum() / mass
+        top = min(max(round(13.5 - cy.item()), 0), 28 - h)
+        left = min(max(round(13.5 - cx.item()), 0), 28 - w)
+    canvas = torch.zeros(28, 28)
+    canvas[top : top + h, left : left + w] = ink
+    return canvas
+
+
+def border_median(x: torch.Tensor) -> float:
+    """The median of the border pixels: the paper's tone."""
+    border = torch.cat([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])
+    return border.median().item()
