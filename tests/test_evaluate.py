@@ -207,3 +207,27 @@ def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_pat
     for name in ("blank.png", "dot.png"):
         assert rows[name]["error"].startswith("no ink found"), rows[name]
     assert "over the limit" in rows["bomb.png"]["error"]
+
+
+def test_a_labelled_folder_gives_the_accuracy_of_its_rows(trained, data_dir, tmp_path):
+    """`<label>/` folders, named by class index, full name or short name, label the images in them."""
+    ckpt, _, log_dir = trained
+    raw = shipped("mnist", data_dir=data_dir).dataset_cls(str(data_dir), train=False)
+    folders = {7: "7", 2: "two", 1: "1 - one"}
+    for i in range(60):
+        label = int(raw.targets[i])
+        if label in folders:
+            (tmp_path / folders[label]).mkdir(exist_ok=True)
+            Image.fromarray(raw.data[i].numpy()).resize((56, 56)).save(tmp_path / folders[label] / f"{i}.png")
+    (tmp_path / "unlabelled").mkdir()
+    Image.fromarray(raw.data[0].numpy()).save(tmp_path / "unlabelled" / "x.png")
+    done = run_script("predict.py", f"ckpt_path={ckpt}", str(tmp_path), "--json", log_dir=log_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    labelled = [r for r in rows if "true" in r]
+    assert len(labelled) == len(rows) - 1 >= 10 and "true" not in predicted(done)["x.png"]
+    assert {r["true"] for r in labelled} == {"7 - seven", "2 - two", "1 - one"}
+    right = sum(r["class"] == r["true"] for r in labelled)
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"accuracy {100 * right / len(labelled):.2f} % ({right} of {len(labelled)} labelled images)"
+    )

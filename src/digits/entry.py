@@ -44,10 +44,15 @@ def eval_app(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 @task
 def predict_app(cfg: DictConfig) -> None:
-    from digits.evaluate import prediction_table, run_predict
+    from digits.evaluate import labelled_accuracy, prediction_table, run_predict
 
     rows = run_predict(cfg, EXTRA_INPUTS)
-    print(json.dumps(rows, indent=2) if cfg.format == "json" else prediction_table(rows))
+    if cfg.format == "json":
+        print(json.dumps(rows, indent=2))
+        if summary := labelled_accuracy(rows):
+            print(summary, file=sys.stderr)
+    else:
+        print(prediction_table(rows))
     if any("error" in r for r in rows):
         sys.exit(1)
 

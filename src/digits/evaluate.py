@@ -185,6 +185,8 @@ def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[
         batch = ((torch.stack(views) - datamodule.mean) / datamodule.std).unsqueeze(1)
         for slot, row in zip(read, predict(module, batch, names), strict=True):
             slots[slot] |= row
+            if (label := class_of(paths[slot].parent.name, names)) is not None:
+                slots[slot]["true"] = names[label]
         if cfg.get("save_inputs"):
             save_views(Path(cfg.save_inputs), [paths[i] for i in read], views)
     rows += slots
@@ -197,6 +199,16 @@ def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[
         if "probability" in row:
             row["low_confidence"] = row["probability"] < threshold
     return rows
+
+
+def class_of(folder: str, class_names: list[str]) -> int | None:
+    """The class a folder is named after (its index, its name, or for MNIST's "7 - seven" also "seven"), if any:
+    the images in `<label>/` folders are labelled by it."""
+    wanted = folder.strip().lower()
+    for i, name in enumerate(class_names):
+        if wanted in (str(i), name.lower(), name.lower().partition(" - ")[2]):
+            return i
+    return None
 
 
 def input_entries(cfg: DictConfig) -> list[str]:
@@ -230,4 +242,15 @@ def prediction_table(rows: list[dict[str, Any]]) -> str:
             answer = f"{r['label']:>5}  {r['class']:<14}  {r['probability']:11.4f}  {r['second']:<14}  "
             answer += f"{r['second_probability']:6.4f}  {r.get('true', '')}"
             lines.append(f"{r['input']:<{width}}  {answer}{'  (low confidence)' if r.get('low_confidence') else ''}")
+    if summary := labelled_accuracy(rows):
+        lines.append(summary)
     return "\n".join(lines)
+
+
+def labelled_accuracy(rows: list[dict[str, Any]]) -> str:
+    """Accuracy over the rows with a true class (test images, images in `<label>/` folders), if any."""
+    labelled = [r for r in rows if "true" in r and "class" in r]
+    if not labelled:
+        return ""
+    right = sum(r["class"] == r["true"] for r in labelled)
+    return f"accuracy {100 * right / len(labelled):.2f} % ({right} of {len(labelled)} labelled images)"
