@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, read_events, run_train
+from conftest import ROOT, assert_real_png, read_events, run_train
 from digits.data import shipped
 from digits.images import frame
 
@@ -221,7 +221,10 @@ def test_a_labelled_folder_gives_the_accuracy_of_its_rows(trained, data_dir, tmp
             Image.fromarray(raw.data[i].numpy()).resize((56, 56)).save(tmp_path / folders[label] / f"{i}.png")
     (tmp_path / "unlabelled").mkdir()
     Image.fromarray(raw.data[0].numpy()).save(tmp_path / "unlabelled" / "x.png")
-    done = run_script("predict.py", f"ckpt_path={ckpt}", str(tmp_path), "--json", log_dir=log_dir)
+    report = tmp_path.parent / f"{tmp_path.name}_report"
+    done = run_script(
+        "predict.py", f"ckpt_path={ckpt}", str(tmp_path), f"report_dir={report}", "--json", log_dir=log_dir
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
     labelled = [r for r in rows if "true" in r]
@@ -231,3 +234,10 @@ def test_a_labelled_folder_gives_the_accuracy_of_its_rows(trained, data_dir, tmp
     assert done.stderr.strip().splitlines()[-1] == (
         f"accuracy {100 * right / len(labelled):.2f} % ({right} of {len(labelled)} labelled images)"
     )
+    # what eval.py writes for the test set, over these images
+    summary = json.loads((report / "labelled.json").read_text())
+    assert (summary["images"], summary["right"]) == (len(labelled), right)
+    assert torch.tensor(summary["confusion_matrix"]).sum() == len(labelled)
+    assert_real_png(report / "confusion_matrix.png")
+    if right < len(labelled):
+        assert_real_png(report / "misclassified.png")

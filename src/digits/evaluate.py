@@ -189,6 +189,9 @@ def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[
                 slots[slot]["true"] = names[label]
         if cfg.get("save_inputs"):
             save_views(Path(cfg.save_inputs), [paths[i] for i in read], views)
+        if cfg.get("report_dir"):
+            labelled = [(slots[slot], view) for slot, view in zip(read, views, strict=True) if "true" in slots[slot]]
+            labelled_report(Path(cfg.report_dir), labelled, names)
     rows += slots
     if not rows:
         raise DigitsError(
@@ -199,6 +202,34 @@ def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[
         if "probability" in row:
             row["low_confidence"] = row["probability"] < threshold
     return rows
+
+
+def labelled_report(out: Path, labelled: list[tuple[dict[str, Any], torch.Tensor]], class_names: list[str]) -> None:
+    """For images in `<label>/` folders, what eval.py writes for the test set: accuracy and confusion matrix
+    (`labelled.json`), the matrix and the misclassified images as PNGs."""
+    from digits import figures
+
+    if not labelled:
+        raise DigitsError(
+            f"report_dir={str(out)!r}: no input is in a folder named after a class ({class_names[0]!r}, …)"
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    n = len(class_names)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    for row, _ in labelled:
+        confusion[index[row["true"]], row["label"]] += 1
+    wrong = [(row, view) for row, view in labelled if row["class"] != row["true"]]
+    out.mkdir(parents=True, exist_ok=True)
+    right = int(confusion.diag().sum())
+    summary = {"images": len(labelled), "right": right, "accuracy": right / len(labelled)}
+    write_json(out / "labelled.json", summary | {"confusion_matrix": confusion.tolist(), "classes": class_names})
+    plots = [("confusion_matrix", figures.confusion_matrix(confusion, class_names))]
+    if wrong:
+        images = torch.stack([view for _, view in wrong]).unsqueeze(1)
+        labels = torch.tensor([index[row["true"]] for row, _ in wrong])
+        preds = torch.tensor([row["label"] for row, _ in wrong])
+        plots.append(("misclassified", figures.image_grid(images, labels, preds, class_names)))
+    figures.save_figures(plots, out, dpi=200, events=False)
 
 
 def class_of(folder: str, class_names: list[str]) -> int | None:
