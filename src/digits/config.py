@@ -307,17 +307,21 @@ def check_devices(trainer: DictConfig) -> None:
 VALUED_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
 
 
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """A Hydra command line as its flags (with their values) and its other arguments, each in order."""
+    flags, rest, skip = [], [], False
+    for arg in args:
+        if skip or arg.startswith("-"):
+            skip = not skip and arg in VALUED_FLAGS
+            flags.append(arg)
+        else:
+            rest.append(arg)
+    return flags, rest
+
+
 def override_args(args: list[str]) -> list[str]:
     """The `key=value` overrides of a Hydra command line, without its flags and their values."""
-    overrides, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg.startswith("-"):
-            skip = arg in VALUED_FLAGS
-        else:
-            overrides.append(arg)
-    return overrides
+    return split_args(args)[1]
 
 
 def config_dirs(args: list[str]) -> list[Traversable]:

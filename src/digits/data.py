@@ -324,6 +324,11 @@ class DigitsDataModule(L.LightningDataModule):
         augment = augment if train else {}
         return DeviceLoader(*data, batch_size, sampler, **augment, fill=-self.mean / self.std)
 
+    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training split as the device loader holds it: normalised images and labels, on the device."""
+        require(self.loader == "device", "loader", self.loader, "device (whole tensors exist only there)")
+        return self._splits["train"]
+
     def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("train", self.batch_size, shuffle=True)
 

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from digits.cli import run_cli, task
-from digits.config import VALUED_FLAGS
+from digits.config import split_args
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -83,14 +83,10 @@ EXTRA_INPUTS: list[str] = []  # predict's bare arguments: image files, directori
 def predict() -> None:
     """Predict with a checkpoint: `digits-predict ckpt_path=<file> a.png photos/ 'scans/*.jpg' [--json]`
     (or `inputs=[...]`, `inputs_from=<list file or ->`, `test_index=0:5`)."""
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg.startswith("-") or "=" in arg:
-            skip = not skip and arg in VALUED_FLAGS
-            args.append("format=json" if arg == "--json" else arg)
-        else:  # not an override: an input, whatever characters its name has
-            EXTRA_INPUTS.append(arg)
-    sys.argv = [sys.argv[0], *args]
+    flags, rest = split_args(sys.argv[1:])
+    EXTRA_INPUTS.extend(a for a in rest if "=" not in a)  # not an override: an input, whatever its name holds
+    overrides = [a for a in rest if "=" in a]
+    sys.argv = [sys.argv[0], *("format=json" if a == "--json" else a for a in flags), *overrides]
     run_cli(predict_app)
 
 

@@ -178,7 +178,7 @@ def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[
         try:
             views.append(model_view(read_gray(path), datamodule.frame_box, datamodule.frame_by_mass))
         except DigitsError as err:
-            slots[-1]["error"] = str(err).removeprefix(f"{path}: ")
+            slots[-1]["error"] = str(err)
             continue
         read.append(len(slots) - 1)
     if views:

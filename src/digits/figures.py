@@ -27,7 +27,7 @@ def confusion_matrix(counts: torch.Tensor, class_names: Sequence[str], normalize
     n = len(class_names)
     ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=6)
     ax.set_yticks(
-        range(n), [f"{name} {i}" if name != str(i) else name for i, name in enumerate(class_names)], fontsize=6
+        range(n), [name if name.startswith(str(i)) else f"{name} {i}" for i, name in enumerate(class_names)], fontsize=6
     )
     ax.tick_params(length=0, pad=1)
     ax.set_xlabel("predicted", fontsize=6, labelpad=1)

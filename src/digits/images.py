@@ -36,27 +36,33 @@ def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
 def read_gray(path: Path) -> torch.Tensor:
     """A file as H×W floats in [0, 1], white paper 1, as its pixels are meant to be seen: EXIF orientation
     applied, 16-bit and palette images converted at full depth, a transparent canvas as white paper, the
-    first frame with anything on it of an animation."""
+    first frame with anything on it of an animation (frames decoded one at a time, up to that one).
+
+    Errors name what is wrong, not the file: the caller's row does.
+    """
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise DigitsError(f"{path}: {err.strerror or type(err).__name__}") from None
+        raise DigitsError(err.strerror or type(err).__name__) from None
     if not data:
-        raise DigitsError(f"{path}: the file is empty")
+        raise DigitsError("the file is empty")
+    first = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_PIXELS:
-                raise DigitsError(f"{path}: {image.width}×{image.height} pixels is over the limit of {MAX_PIXELS:,}")
-            frames = [frame.copy() for frame in ImageSequence.Iterator(image)]
+                raise DigitsError(f"{image.width}×{image.height} pixels is over the limit of {MAX_PIXELS:,}")
+            for frame in ImageSequence.Iterator(image):
+                gray = to_gray(ImageOps.exif_transpose(frame) if frame.getexif() else frame)
+                if gray.max() - gray.min() > INK:
+                    return gray
+                first = gray if first is None else first
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DigitsError(f"{path}: over the limit of {MAX_PIXELS:,} pixels (a decompression bomb?)") from None
+        raise DigitsError(f"over the limit of {MAX_PIXELS:,} pixels (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DigitsError(f"{path}: not a readable image ({type(err).__name__})") from None
-    grays = [to_gray(ImageOps.exif_transpose(frame) if frame.getexif() else frame) for frame in frames]
-    drawn = [g for g in grays if g.max() - g.min() > INK]
-    return (drawn or grays)[0]
+        raise DigitsError(f"not a readable image ({type(err).__name__})") from None
+    return first
 
 
 def to_gray(image: Image.Image) -> torch.Tensor:
@@ -89,8 +95,8 @@ def model_view(x: torch.Tensor, box: int, by_mass: bool) -> torch.Tensor:
 def frame(x: torch.Tensor, paper: float, box: int, by_mass: bool) -> torch.Tensor:
     """White-on-black ink as the datasets framed theirs: the paper's tone taken off and the ink stretched to
     full contrast, its bounding box scaled to fit `box`×`box` (aspect kept) and stretched to full contrast
-    again, then placed on a 28×28 canvas,
-    centred by its centre of mass (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28)."""
+    again, then placed on a 28×28 canvas, centred by its centre of mass (MNIST: a 20-pixel box) or by its
+    box (Fashion-MNIST: 28)."""
     ink = ((x - paper) / max(x.max().item() - paper, 1e-6)).clamp(0, 1)
     rows, cols = (ink > INK).nonzero(as_tuple=True)
     if not len(rows):

@@ -4,6 +4,7 @@ Never imported by training: it only reads what runs wrote (metrics.json, .hydra/
 """
 
 import csv
+import functools
 import json
 import re
 import shutil
@@ -59,7 +60,7 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def run_row(run: Path, root: Path) -> dict[str, Any]:
-    m = OmegaConf.to_container(OmegaConf.load(run / "metrics.json"))
+    m = run_metrics(run)
     inside = run.is_relative_to(root.resolve())
     name = str(run.relative_to(root.resolve())) if inside else f"{run.parent.name}/{run.name}"
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
@@ -103,13 +104,19 @@ def swept_keys(runs: list[Path]) -> list[str]:
     return sorted(k for k, v in values.items() if len(v) > 1 and k != "seed")
 
 
+@functools.cache  # a report reads each run's files once, whichever tables and figures ask
+def run_metrics(run: Path) -> dict[str, Any]:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@functools.cache
 def run_hparams(run: Path) -> dict[str, Any]:
     """A finished run's hyperparameters, as TensorBoard and Optuna show them (`digits.hparams`)."""
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     choices = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices
     # the precision the run had, not what `auto` would pick on this machine
-    metrics = OmegaConf.load(run / "metrics.json")
-    return hyperparameters(cfg, choices, metrics.params) | {"trainer.precision": metrics.precision}
+    metrics = run_metrics(run)
+    return hyperparameters(cfg, choices, metrics["params"]) | {"trainer.precision": metrics["precision"]}
 
 
 Series = dict[str, dict[str, list[float]]]  # series label → value of the key → test accuracies (%) over seeds
@@ -122,7 +129,7 @@ def series_by(runs: list[Path], key: str, others: list[str]) -> Series:
     for run in runs:
         params = run_hparams(run)
         label = ", ".join(f"{k}={params.get(k)}" for k in others)
-        series[label][str(params.get(key))].append(100 * OmegaConf.load(run / "metrics.json")["test_acc"])
+        series[label][str(params.get(key))].append(100 * run_metrics(run)["test_acc"])
     return series
 
 
@@ -170,8 +177,8 @@ def series_table(runs: list[Path]) -> str:
     keys = varying_keys(params, ignore=("seed", TRIAL, "params"))
     groups: dict[tuple[str, ...], list[dict[str, float]]] = defaultdict(list)
     for run, p in zip(runs, params, strict=True):
-        m = OmegaConf.load(run / "metrics.json")
-        groups[tuple(str(p.get(k)) for k in keys)].append({"test": 100 * m.test_acc, "val": 100 * m.best_val_acc})
+        m = run_metrics(run)
+        groups[tuple(str(p.get(k)) for k in keys)].append({"test": 100 * m["test_acc"], "val": 100 * m["best_val_acc"]})
     header = [*keys, "seeds", "test accuracy %", "best val accuracy %"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for values, rows in sorted(groups.items(), key=lambda g: [value_order(f"k={v}") for v in g[0]]):
@@ -236,14 +243,15 @@ def replicated(runs: list[Path]) -> list[Path]:
     return [run for run in runs if run_hparams(run)[TRIAL] == ABSENT]
 
 
-def report_figures(root: Path, runs: list[Path], rows: list[dict[str, Any]]) -> Iterator[tuple[str, Figure]]:
-    """Learning curves per run; error bars against each key that differs between the runs (trials aside), one
-    line per combination of the other keys, where some point has several seeds; then the Optuna studies.
-    Made one at a time."""
+def report_figures(
+    root: Path, runs: list[Path], rows: list[dict[str, Any]], plain: list[Path]
+) -> Iterator[tuple[str, Figure]]:
+    """Learning curves per run; error bars against each key that differs between the `plain` runs (trials
+    aside), one line per combination of the other keys, where some point has several seeds; then the Optuna
+    studies. Made one at a time."""
     for run, row in zip(runs, rows, strict=True):
         if fig := learning_curves(run, row["run"]):
             yield f"curves/{row['run']}", fig
-    plain = replicated(runs)
     keys = varying_keys([run_hparams(run) for run in plain], ignore=("seed", TRIAL, "params")) if plain else []
     for key in keys:
         series = series_by(plain, key, [k for k in keys if k != key])
@@ -291,8 +299,8 @@ def write_report(root: Path, runs: list[Path], out: Path | None = None) -> dict[
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
-    figures = save_figures(report_figures(root, runs, rows), out, dpi=100)
     plain = replicated(runs)
+    figures = save_figures(report_figures(root, runs, rows, plain), out, dpi=100)
     series = f"## Series (seeds folded)\n\n{series_table(plain)}\n" if plain else ""
     text = f"# Runs under {root}\n\n{markdown_table(rows)}\n{series}" + "".join(
         f"![{p.stem}]({p.name})\n" for p in figures

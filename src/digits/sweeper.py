@@ -166,6 +166,13 @@ def job_attributes(ret: JobReturn, searched: dict[str, Any]) -> dict[str, Any]:
     return attrs | {k: v for k, v in fixed.items() if k not in searched and k != TRIAL}
 
 
+def trial_line(started: FrozenTrial, trial: optuna.Trial, outcome: str) -> str:
+    """A told trial's one console line: number, outcome, seconds since it started, params."""
+    seconds = (datetime.now() - started.datetime_start).total_seconds() if started.datetime_start else 0.0
+    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    return f"trial {trial.number} {outcome} in {seconds:.1f} s: {params}"
+
+
 class OptunaSweep(Sweeper):
     def __init__(
         self,
@@ -397,35 +404,30 @@ class OptunaSweep(Sweeper):
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn) -> TrialState:
         """COMPLETE with a finite value; PRUNED when the job said so; FAIL with its reason otherwise."""
-        if study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING:
+        started = study.get_trials(deepcopy=False)[trial.number]
+        running = started.state == TrialState.RUNNING  # not if another process failed it as stale meanwhile
+        if running:
             for key, value in job_attributes(ret, trial.params).items():
                 trial.set_user_attr(key, value)
         try:
             value = float(ret.return_value)  # re-raises what the job raised
         except optuna.TrialPruned:
             finish(study, trial, state=TrialState.PRUNED)
-            log.info(self._trial_line(study, trial, "PRUNED"))
+            log.info(trial_line(started, trial, "PRUNED"))
             return TrialState.PRUNED
         except Exception as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         else:
             if math.isfinite(value):
                 finish(study, trial, values=value)
-                log.info(self._trial_line(study, trial, f"COMPLETE {self.metric}={value:.6g}"))
+                log.info(trial_line(started, trial, f"COMPLETE {self.metric}={value:.6g}"))
                 return TrialState.COMPLETE
             reason = f"the job returned {value}"
-        if study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING:
+        if running:
             trial.set_user_attr(FAIL_REASON, reason)
         finish(study, trial, state=TrialState.FAIL)
-        log.warning(self._trial_line(study, trial, f"FAIL ({reason})"))
+        log.warning(trial_line(started, trial, f"FAIL ({reason})"))
         return TrialState.FAIL
-
-    def _trial_line(self, study: optuna.Study, trial: optuna.Trial, outcome: str) -> str:
-        """A trial's one console line: number, outcome, seconds, params."""
-        told = study.get_trials(deepcopy=False)[trial.number]
-        seconds = (told.datetime_complete - told.datetime_start).total_seconds() if told.datetime_complete else 0.0
-        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-        return f"trial {trial.number} {outcome} in {seconds:.1f} s: {params}"
 
     def _write_results(self, study: optuna.Study, fixed: list[str]) -> None:
         """optimization_results.yaml in the sweep dir: counts, best value and params, the command to rerun it."""

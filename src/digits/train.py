@@ -1,6 +1,7 @@
 """One training run: seed → instantiate → fit → test → metrics.json → the value a sweeper optimises."""
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -37,13 +38,30 @@ from digits.module import Classifier
 log = logging.getLogger(__name__)
 
 
-def configure_backends() -> None:
-    """TF32 matmuls and cuDNN autotuning: free speed for fixed-shape batches on CUDA. Under SLURM, as many
-    CPU threads as the job was given cores, not as the node has (jobs sharing a node would fight over them)."""
+# Lightning's warnings that do not apply to digits runs, silenced where they are raised
+UNDERSTOOD_WARNINGS = (
+    "The `srun` command is available",  # submitit starts SLURM jobs through srun; outside SLURM none is needed
+    "The number of training batches",  # metrics are logged per epoch: the step interval does not apply
+    "`isinstance(treespec, LeafSpec)` is deprecated",  # inside Lightning, about torch's API
+)
+
+
+@functools.cache
+def configure_process() -> None:
+    """What holds for the whole process, set once (a sweep's trials share it): the allocator, Lightning's NVML
+    probe, the warnings that do not apply."""
     # Lightning sets this at import: every torch.cuda.is_available() (Adam asks on each step) would dlopen
     # NVML again on a machine without a GPU; torch's own check is cached and just as exact here
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     keep_freed_memory()
+    for message in UNDERSTOOD_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message))
+
+
+def configure_backends() -> None:
+    """TF32 matmuls and cuDNN autotuning: free speed for fixed-shape batches on CUDA. Under SLURM, as many
+    CPU threads as the job was given cores, not as the node has (jobs sharing a node would fight over them)."""
+    configure_process()
     if cores := os.environ.get("SLURM_CPUS_PER_TASK"):
         torch.set_num_threads(int(cores))
     if torch.cuda.is_available():
@@ -78,14 +96,6 @@ def build_module(cfg: DictConfig) -> Classifier:
         scheduler=build(scheduler.factory, "scheduler.factory") if scheduler else None,
         scheduler_interval=scheduler.interval if scheduler else "epoch",
     )
-
-
-# Lightning's warnings that do not apply to digits runs, silenced where they are raised
-UNDERSTOOD_WARNINGS = (
-    "The `srun` command is available",  # submitit starts SLURM jobs through srun; outside SLURM none is needed
-    "The number of training batches",  # metrics are logged per epoch: the step interval does not apply
-    "`isinstance(treespec, LeafSpec)` is deprecated",  # inside Lightning, about torch's API
-)
 
 
 def build_trainer(cfg: DictConfig, record: dict[str, Any], quiet: bool = False) -> L.Trainer:
@@ -134,8 +144,6 @@ def train(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
     """Fit and test the configured model; returns the metrics also written to `metrics.json`. `quiet`: no
     progress bar, model summary or Lightning notices (a multirun's job)."""
     check_run(cfg)
-    for message in UNDERSTOOD_WARNINGS:
-        warnings.filterwarnings("ignore", message=re.escape(message))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     configure_backends()
     run_dir = Path(cfg.paths.output_dir)
@@ -221,7 +229,7 @@ def summary(m: dict[str, Any], run_dir: str) -> str:
 def list_in_sweep(sweep_dir: Path, run_dir: Path) -> None:
     """Name a multirun job's run dir in its sweep's `runs.txt` (once: a job SLURM starts again is listed)."""
     listing = sweep_dir / SWEEP_RUNS
-    if listing.is_file() and str(run_dir) in listing.read_text().splitlines():
+    if requeued() and listing.is_file() and str(run_dir) in listing.read_text().splitlines():
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(listing, "a") as f:  # one short append per job: jobs finishing together do not mix lines
