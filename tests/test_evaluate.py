@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import ROOT, assert_real_png, read_events, run_train
 from digits.data import shipped
 from digits.images import frame
+from digits.robustness import CORRUPTIONS
 
 
 def run_script(script: str, *args: str, log_dir: Path) -> subprocess.CompletedProcess:
@@ -63,7 +64,9 @@ def test_eval_writes_images_tables_and_tensorboard(evaluated):
     figures = {"test/confusion_matrix", "test/confusion_matrix_normalized", "test/misclassified"}
     assert set(events.Tags()["images"]) == figures
     assert events.Scalars("test/acc")[-1].value == pytest.approx(result["test_acc"], abs=1e-6)
-    assert set(events.Tags()["scalars"]) == {"test/acc", "test/loss", "test/mse"}
+    robust = {f"robust/{name}" for name in result["robustness"]}
+    assert robust == {f"robust/{name}" for name in (*CORRUPTIONS, "fonts", "mean")}
+    assert set(events.Tags()["scalars"]) == {"test/acc", "test/loss", "test/mse"} | robust
 
 
 def test_predict_on_test_images_agrees_with_the_model(trained, data_dir):

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from digits.data import DeviceLoader, EpochSampler, random_flip, random_rotate_zoom, random_translate
+from digits.augment import Augment, random_flip, random_warp
+from digits.data import DeviceLoader, EpochSampler
 from digits.train import train
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -88,12 +89,12 @@ def test_device_loader_resumes_mid_epoch_in_the_same_order(tmp_path):
 def test_random_translate_moves_each_image_within_the_shift():
     images = torch.full((64, 1, 28, 28), -1.0)
     images[:, 0, 14, 14] = 5.0
-    moved = random_translate(images, 2, fill=-1.0, generator=torch.Generator().manual_seed(0))
+    moved = Augment(translate=2, fill=-1.0)(images, torch.Generator().manual_seed(0))
     assert moved.shape == images.shape
     where = (moved[:, 0] == 5.0).nonzero()[:, 1:]
     assert len(where) == 64 and (where - 14).abs().max() <= 2
     assert len({tuple(p) for p in where.tolist()}) > 10  # shifts differ between images
-    again = random_translate(images, 2, fill=-1.0, generator=torch.Generator().manual_seed(0))
+    again = Augment(translate=2, fill=-1.0)(images, torch.Generator().manual_seed(0))
     assert torch.equal(moved, again)
 
 
@@ -110,13 +111,13 @@ def bar_angles_and_lengths(images: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return angles, 4 * major.sqrt()
 
 
-def test_random_rotate_zoom_turns_and_scales_each_image_about_the_centre():
+def test_random_warp_turns_and_scales_each_image_about_the_centre():
     images = torch.full((128, 1, 28, 28), -1.0)
     images[:, 0, 13:15, 4:24] = 2.0  # a horizontal bar through the centre, 20 pixels long
     angle0, length0 = bar_angles_and_lengths(images)
 
     def augment(degrees: float, zoom: float) -> torch.Tensor:
-        return random_rotate_zoom(images, degrees, zoom, fill=-1.0, generator=torch.Generator().manual_seed(0))
+        return random_warp(images + 1, degrees, zoom, 0.0, torch.Generator().manual_seed(0)) - 1  # ink: image - fill
 
     assert torch.allclose(augment(0, 0), images, atol=1e-5)
     turned = augment(30, 0)
@@ -143,7 +144,7 @@ def test_random_flip_mirrors_about_half_the_images_and_nothing_else():
 def test_flip_augments_training_batches_only(make_cfg, data_dir):
     from hydra.utils import instantiate
 
-    dm = instantiate(make_cfg("data=fashion", "data.flip=true", "data.train_size=512", "data.val_size=512").data)
+    dm = instantiate(make_cfg("data=fashion", "augment=clothes", "data.train_size=512", "data.val_size=512").data)
     dm.setup()
     train_x, _ = dm._splits["train"]
     seen = torch.cat([x for x, _ in dm.train_dataloader()])

@@ -228,10 +228,10 @@ def test_a_run_whose_checkpoint_was_lost_restarts_in_a_new_dir(trained, tmp_path
 def test_run_settings_ignore_where_the_data_lives(make_cfg, tmp_path):
     a = run_settings(make_cfg("model=mlp"))
     b = run_settings(make_cfg("model=mlp", f"paths.data_dir={tmp_path}", "data.num_workers=2"))
-    c = run_settings(make_cfg("model=mlp", "data.translate=2", "optimizer=sgd"))
+    c = run_settings(make_cfg("model=mlp", "data.translate=3", "optimizer=sgd"))
     assert differing_settings(a, b) == []
     assert differing_settings(a, c) == [
-        "data.translate: 0 → 2",
+        "data.translate: 2 → 3",
         "optimizer._target_: torch.optim.Adam → torch.optim.SGD",
         "optimizer.lr: 0.001 → 0.01",
         "optimizer.momentum: (absent) → 0.9",

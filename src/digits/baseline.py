@@ -84,7 +84,7 @@ class InterleavedBaseline(L.Callback):
         return time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        images, labels = trainer.datamodule.train_tensors()
+        images, labels = trainer.datamodule.tensors("train")
         self.raw_loop = RawLoop(
             pl_module.net, pl_module.optimizer_factory, images, labels, trainer.datamodule.batch_size
         )

@@ -1,5 +1,5 @@
 """Callbacks the training loop always uses: epoch timing, self-describing checkpoints that survive preemption,
-the test set's confusion matrix and misclassified images."""
+the test set's confusion matrix and misclassified images, the robustness suite."""
 
 import time
 from pathlib import Path
@@ -18,6 +18,8 @@ from torchmetrics.classification import (
 )
 
 from digits.artifacts import RECORD
+from digits.errors import is_int, require
+from digits.robustness import is_digits, score, suite
 
 
 class EpochTimer(L.Callback):
@@ -149,6 +151,30 @@ class TestResults(L.Callback):
             )
             drawn.append((TAGS["misclassified"], grid))
         return drawn
+
+
+class Robustness(L.Callback):
+    """The robustness suite (`digits.robustness`) on the model the test stage tests, logged beside its test
+    accuracy: `robust/<set>` from a fixed sample of `size` test images, and with `val` among `splits`,
+    `val_robust/<set>` from the held-out validation images, the ones to choose recipes by."""
+
+    def __init__(self, splits: tuple[str, ...] | list[str] = ("test",), size: int = 2000, fonts: bool = True) -> None:
+        ok = len(splits) > 0 and all(s in ("val", "test") for s in splits)
+        require(ok, "robustness.splits", list(splits), "a list of `val` and/or `test`")
+        require(is_int(size) and size >= 1, "robustness.size", size, "a number of images ≥ 1")
+        self.splits, self.size, self.fonts = tuple(splits), size, fonts
+        self.results: dict[str, dict[str, float]] = {}
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        fonts = (dm.frame_box, dm.frame_by_mass) if self.fonts and is_digits(dm.class_names) else None
+        for split in self.splits:
+            images, labels = (t.to(pl_module.device) for t in dm.tensors(split))
+            sets = suite(images, labels, dm.mean, dm.std, self.size, fonts)
+            self.results[split] = score(pl_module, sets, dm.eval_batch_size)
+            prefix = "robust" if split == "test" else "val_robust"
+            for name, accuracy in self.results[split].items():
+                pl_module.log(f"{prefix}/{name}", accuracy)
 
 
 TAGS = {"confusion": "test/confusion_matrix", "misclassified": "test/misclassified"}

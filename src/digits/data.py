@@ -13,12 +13,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity
 
+from digits.augment import Augment
 from digits.errors import DigitsError, is_int, is_number, require
 
 LOADERS = ("device", "torch")
@@ -56,36 +56,6 @@ class EpochSampler:
         return order[self.rank :: self.world_size]
 
 
-def random_translate(images: torch.Tensor, shift: int, fill: float, generator: torch.Generator) -> torch.Tensor:
-    """Move each image by its own random (dx, dy) in [-shift, shift]², filling with the background value."""
-    n, _, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (shift,) * 4, value=fill)
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), device=images.device, generator=generator)
-    rows = (torch.arange(h, device=images.device) + dy)[:, :, None]
-    cols = (torch.arange(w, device=images.device) + dx)[:, None, :]
-    return padded[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
-
-
-def random_rotate_zoom(
-    images: torch.Tensor, degrees: float, zoom: float, fill: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Turn each image by its own angle in [-degrees, degrees] and scale it by a factor in [1 - zoom, 1 + zoom]
-    about its centre (bilinear), filling with the background value."""
-    turn, scale = torch.rand(2, len(images), device=images.device, generator=generator) * 2 - 1
-    angle, factor = turn * math.radians(degrees), 1 + scale * zoom
-    cos, sin, zero = angle.cos() / factor, angle.sin() / factor, torch.zeros_like(angle)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    # grid_sample fills with zeros: sample the images offset so that their background is zero
-    return F.grid_sample(images - fill, grid, align_corners=False) + fill
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    mirrored = torch.rand(len(images), device=images.device, generator=generator) < 0.5
-    return torch.where(mirrored[:, None, None, None], images.flip(-1), images)
-
-
 class DeviceLoader:
     """Batches sliced out of tensors that already live on the training device: no per-sample Python.
 
@@ -101,14 +71,10 @@ class DeviceLoader:
         labels: torch.Tensor,
         batch_size: int,
         sampler: EpochSampler,
-        translate: int = 0,
-        rotate: float = 0.0,
-        zoom: float = 0.0,
-        flip: bool = False,
-        fill: float = 0.0,
+        augment: Augment | None = None,
     ):
         self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
-        self.translate, self.rotate, self.zoom, self.flip, self.fill = translate, rotate, zoom, flip, fill
+        self.augment = augment
         self.served, self.resume_at = 0, 0
 
     def __len__(self) -> int:
@@ -121,13 +87,7 @@ class DeviceLoader:
         for served, batch in enumerate(order.split(self.batch_size)[start:], start=start + 1):
             self.served = served
             images = self.images[batch]
-            if self.translate:
-                images = random_translate(images, self.translate, self.fill, generator)
-            if self.rotate or self.zoom:
-                images = random_rotate_zoom(images, self.rotate, self.zoom, self.fill, generator)
-            if self.flip:
-                images = random_flip(images, generator)
-            yield images, self.labels[batch]
+            yield (self.augment(images, generator) if self.augment else images), self.labels[batch]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches_trained": self.served}
@@ -170,7 +130,11 @@ class DigitsDataModule(L.LightningDataModule):
         translate: int = 0,
         rotate: float = 0.0,
         zoom: float = 0.0,
+        elastic: float = 0.0,
         flip: bool = False,
+        low_res: int = 0,
+        blur: float = 0.0,
+        contrast: float = 0.0,
         num_workers: int = 0,
         download: bool = True,
         seed: int = 0,
@@ -179,13 +143,6 @@ class DigitsDataModule(L.LightningDataModule):
         _check_count("batch_size", batch_size)
         _check_count("eval_batch_size", eval_batch_size)
         require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
-        ok_shift = isinstance(translate, int) and 0 <= translate <= 8
-        require(ok_shift, "translate", translate, "a shift in pixels from 0 (off) to 8")
-        ok_turn = is_number(rotate) and 0 <= rotate <= 180
-        require(ok_turn, "rotate", rotate, "an angle in degrees from 0 (off) to 180")
-        ok_zoom = is_number(zoom) and 0 <= zoom <= 0.5
-        require(ok_zoom, "zoom", zoom, "a scale range from 0 (off) to 0.5")
-        require(isinstance(flip, bool), "flip", flip, "true or false")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
         self.dataset_cls = _dataset_class(dataset)
         require(is_number(mean) and 0 <= mean <= 1, "mean", mean, "the pixels' mean in [0, 1]")
@@ -194,11 +151,15 @@ class DigitsDataModule(L.LightningDataModule):
         require(ok_box, "frame_box", frame_box, "a side from 1 to 28 pixels")
         _check_count("train_pool", train_pool)
         self.mean, self.std, self.frame_box, self.frame_by_mass = float(mean), float(std), frame_box, frame_by_mass
+        device_only = {"elastic": elastic, "low_res": low_res, "blur": blur, "contrast": contrast}
+        for key, value in device_only.items():
+            require(loader == "device" or not value, key, value, "0 with loader=torch (it runs on the device loader)")
+        geometry = {"translate": translate, "rotate": rotate, "zoom": zoom, "flip": flip}
+        self.augment = Augment(**geometry, **device_only, fill=-self.mean / self.std)
         self.train_pool = train_pool
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.loader, self.num_workers, self.download, self.seed = loader, num_workers, download, seed
-        self.translate, self.rotate, self.zoom, self.flip = translate, float(rotate), float(zoom), flip
         self.n_val = _split_size("val_size", val_size, self.train_pool, upper=self.train_pool - 1)
         remaining = self.train_pool - self.n_val
         self.n_train = remaining if train_size is None else _split_size("train_size", train_size, remaining, remaining)
@@ -276,10 +237,11 @@ class DigitsDataModule(L.LightningDataModule):
         train_idx, val_idx = self.split_indices()
         if self.loader == "torch":
             tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((self.mean,), (self.std,))])
-            shift, zoom = self.translate / 28, self.zoom
-            affine = transforms.RandomAffine(self.rotate, (shift, shift), (1 - zoom, 1 + zoom) if zoom else None)
-            augment = [affine] if shift or self.rotate or zoom else []
-            augment += [transforms.RandomHorizontalFlip()] if self.flip else []
+            a = self.augment
+            shift, zoom = a.translate / 28, a.zoom
+            affine = transforms.RandomAffine(a.rotate, (shift, shift), (1 - zoom, 1 + zoom) if zoom else None)
+            augment = [affine] if shift or a.rotate or zoom else []
+            augment += [transforms.RandomHorizontalFlip()] if a.flip else []
             train_tf = transforms.Compose([*augment, tf])
             train_set = self.dataset_cls(str(self.data_dir), train=True, transform=train_tf)
             eval_set = self.dataset_cls(str(self.data_dir), train=True, transform=tf)
@@ -319,15 +281,18 @@ class DigitsDataModule(L.LightningDataModule):
             )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = EpochSampler(len(data[1]), shuffle, self.seed, rank, world, even=shuffle)
-        train = split == "train"
-        augment = {"translate": self.translate, "rotate": self.rotate, "zoom": self.zoom, "flip": self.flip}
-        augment = augment if train else {}
-        return DeviceLoader(*data, batch_size, sampler, **augment, fill=-self.mean / self.std)
+        return DeviceLoader(*data, batch_size, sampler, self.augment if split == "train" else None)
 
-    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training split as the device loader holds it: normalised images and labels, on the device."""
-        require(self.loader == "device", "loader", self.loader, "device (whole tensors exist only there)")
-        return self._splits["train"]
+    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split (`train`, `val` or `test`) whole, as normalised N×1×28×28 images and labels: as the device
+        loader holds them (on the device), or for the torch loader read again, on the CPU."""
+        if self.loader == "device" and self._splits:
+            return self._splits[split]
+        images, labels = self.load_tensors(train=split != "test")
+        if split == "test":
+            return images, labels
+        index = self.split_indices()[0 if split == "train" else 1]
+        return images[index], labels[index]
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("train", self.batch_size, shuffle=True)

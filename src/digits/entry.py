@@ -32,13 +32,17 @@ def eval_app(cfg: DictConfig) -> None:
     out_dir = Path(cfg.paths.output_dir)
     with discarded_on_error(out_dir, Path(cfg.paths.log_dir)):
         run_cfg, checkpoint = load_run(cfg.ckpt_path, cfg.paths)
-        m = evaluate(run_cfg, checkpoint, Path(cfg.ckpt_path), out_dir)
+        m = evaluate(run_cfg, checkpoint, Path(cfg.ckpt_path), out_dir, cfg.robustness)
     confused = ", ".join(f"{c['true']}→{c['predicted']} ({c['count']})" for c in m["most_confused"])
     print(
         f"test accuracy {100 * m['test_acc']:.2f} % (error {m['test_error_pct']:.2f} %), loss {m['test_loss']:.4f}, "
         f"MSE {m['test_mse']:.5f} on {m['test_size']} images\nmost confused: {confused}\n"
     )
-    print(per_class_table(m["per_class"]) + f"\nwritten to {out_dir}")
+    print(per_class_table(m["per_class"]))
+    if robust := m.get("robustness"):
+        sets = ", ".join(f"{name} {100 * acc:.1f}" for name, acc in robust.items() if name != "mean")
+        print(f"robustness {100 * robust['mean']:.2f} % on degraded test images ({sets} %)\n")
+    print(f"written to {out_dir}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

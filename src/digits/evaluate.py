@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from digits.artifacts import check_weights, checkpoint_record, load_checkpoint, write_json
-from digits.callbacks import TAGS, TestResults
+from digits.callbacks import TAGS, Robustness, TestResults
 from digits.config import build
 from digits.errors import DigitsError
 from digits.images import find_inputs, model_view, read_gray
@@ -67,18 +67,22 @@ def most_confused(confusion: torch.Tensor, class_names: list[str], k: int = 5) -
     ]
 
 
-def evaluate(cfg: DictConfig, checkpoint: dict[str, Any], ckpt: Path, out_dir: Path) -> dict[str, Any]:
-    """Test the checkpoint; write metrics, confusion matrices, the per-class report and misclassified images."""
+def evaluate(
+    cfg: DictConfig, checkpoint: dict[str, Any], ckpt: Path, out_dir: Path, robustness: DictConfig | None = None
+) -> dict[str, Any]:
+    """Test the checkpoint; write metrics, confusion matrices, the per-class report and misclassified images,
+    and with `robustness` (`size`, `fonts`) the robustness suite's accuracies."""
     from digits import figures
 
     datamodule = build(cfg.data, "data")
     module = load_model(cfg, checkpoint, ckpt)
     results = TestResults(figures=False)
+    robust = Robustness(("test",), **robustness) if robustness else None
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
         logger=False,  # save_figures writes this dir's TensorBoard events, figures and scalars in one file
-        callbacks=[results],
+        callbacks=[results, robust] if robust else [results],
         enable_progress_bar=False,
         enable_model_summary=False,
         precision=cfg.trainer.precision,
@@ -99,6 +103,8 @@ def evaluate(cfg: DictConfig, checkpoint: dict[str, Any], ckpt: Path, out_dir: P
         "most_confused": most_confused(cm, names),
         "per_class": report,
     }
+    if robust:
+        metrics["robustness"] = robust.results["test"]
     write_json(out_dir / "eval.json", metrics)
     with open(out_dir / "per_class.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(report[0]))
@@ -108,6 +114,7 @@ def evaluate(cfg: DictConfig, checkpoint: dict[str, Any], ckpt: Path, out_dir: P
     plots = results.drawn(names, card=False)
     plots.insert(1, (TAGS["confusion"] + "_normalized", figures.confusion_matrix(cm, names, normalize=True)))
     scalars = {f"test/{k}": metrics[f"test_{k}"] for k in ("acc", "loss", "mse")}
+    scalars |= {f"robust/{k}": v for k, v in metrics.get("robustness", {}).items()}
     figures.save_figures(plots, out_dir, scalars, dpi=200)
     return metrics
 

@@ -10,10 +10,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from digits.config import CONF_DIR
 
-CHOICES = ("experiment", "data", "model", "optimizer", "scheduler")
+CHOICES = ("experiment", "data", "augment", "model", "optimizer", "scheduler")
 NUMBERS = (
-    "seed", "data.batch_size", "data.val_size", "data.translate", "data.rotate", "data.zoom",
-    "trainer.max_epochs", "optimizer.lr", "optimizer.weight_decay",
+    "seed", "data.batch_size", "data.val_size", "data.translate", "data.rotate", "data.zoom", "data.elastic",
+    "data.low_res", "data.blur", "data.contrast", "trainer.max_epochs", "optimizer.lr", "optimizer.weight_decay",
 )  # fmt: skip
 TEXTS = ("data.flip", "data.train_size", "trainer.precision")
 ABSENT = "-"  # a key this run's model or optimizer does not take
@@ -91,7 +91,8 @@ def follows(params: list[dict[str, Any]], earlier: str, key: str) -> bool:
     return all(seen.setdefault(repr(p.get(earlier)), repr(p.get(key))) == repr(p.get(key)) for p in params)
 
 
-METRICS = ("val/acc_best", "test/acc", "val/acc", "test/loss", "val/loss", "train/loss", "train/acc", "train/lr")
+METRICS = ("val/acc_best", "test/acc", "robust/mean", "robust/fonts", "val/acc", "test/loss", "val/loss", "train/loss",
+           "train/acc", "train/lr")  # fmt: skip
 
 
 def experiment_summary(params: list[dict[str, Any]]) -> Any:

@@ -24,7 +24,7 @@ from digits.hparams import ABSENT, TRIAL, experiment_summary, hyperparameters, v
 
 COLUMNS = (
     "run", "model", "params", "optimizer", "lr", "batch", "epochs", "weight_decay", "seed", "device",
-    "precision", "train_seconds", "best_val_acc_pct", "test_acc_pct", "test_error_pct",
+    "precision", "train_seconds", "best_val_acc_pct", "test_acc_pct", "test_error_pct", "robust_pct", "fonts_pct",
 )  # fmt: skip
 CURVES = ("train/loss", "val/loss", "train/acc", "val/acc")
 
@@ -81,7 +81,16 @@ def run_row(run: Path, root: Path) -> dict[str, Any]:
         "best_val_acc_pct": round(100 * m["best_val_acc"], 3),
         "test_acc_pct": round(100 * m["test_acc"], 3),
         "test_error_pct": round(m["test_error_pct"], 3),
+        **{f"{k}_pct": robust_pct(m, k) for k in ("robust", "fonts")},
     }
+
+
+def robust_pct(metrics: dict[str, Any], key: str) -> float | str:
+    """The robustness suite's mean over its degraded test images (`robust`) or its font digits (`fonts`), in %;
+    `-` for a run that did not measure it."""
+    measured = metrics.get("robustness", {}).get("test", {})
+    value = measured.get("mean" if key == "robust" else key)
+    return ABSENT if value is None else round(100 * value, 2)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -368,8 +377,9 @@ def results_table(root: Path, references: LabFigures) -> str:
             variant = ", ".join(f"{k}={overrides.get(k, '(preset)')}" for k in keys)
             groups[experiment, data, variant].append(run_row(run, root))
     header = ("experiment", "data", "params", "seeds", "test accuracy (mean ± std)", "best", "test error %",
-              "optimizer, lr", "epochs", "train s", "device", "labs / reference", "verdict")  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
+              "robustness", "fonts", "optimizer, lr", "epochs", "train s", "device", "labs / reference",
+              "verdict")  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
     for (experiment, data, variant), rows in sorted(groups.items(), key=lambda g: (*g[0][:2], value_order(g[0][2]))):
         accs = [r["test_acc_pct"] for r in rows]
         mean = statistics.fmean(accs)
@@ -380,10 +390,19 @@ def results_table(root: Path, references: LabFigures) -> str:
         lab, note, bar = ref.get("labs"), ref.get("note", ""), None if variant else ref.get("bar")
         lines.append(
             f"| `{experiment}`{f' {variant}' if variant else ''} | {data} | {first['params']:,} | {len(rows)} | "
-            f"{mean:.2f}%{spread} | {max(accs):.2f}% | {100 - mean:.2f} | {first['optimizer']}, {first['lr']} "
+            f"{mean:.2f}%{spread} | {max(accs):.2f}% | {100 - mean:.2f} | {mean_pct(rows, 'robust_pct')} | "
+            f"{mean_pct(rows, 'fonts_pct')} | {first['optimizer']}, {first['lr']} "
             f"| {first['epochs']} | {seconds:.1f} | {first['device']} | {note} | {verdict(mean, lab, bar)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def mean_pct(rows: list[dict[str, Any]], column: str) -> str:
+    """A column's mean over the rows that measured it, with their count where that is not all of them."""
+    values = [r[column] for r in rows if r[column] != ABSENT]
+    if not values:
+        return ABSENT
+    return f"{statistics.fmean(values):.2f}%" + (f" ({len(values)})" if len(values) < len(rows) else "")
 
 
 def study_figures(root: Path, references: LabFigures) -> Iterator[tuple[str, Figure]]:

@@ -29,7 +29,7 @@ from digits.artifacts import (
     package_versions,
     write_json,
 )
-from digits.callbacks import EpochTimer, RunRecord
+from digits.callbacks import EpochTimer, Robustness, RunRecord
 from digits.config import SWEEP_RUNS, build, check_run, requeued, resume_checkpoint
 from digits.errors import DigitsError
 from digits.hparams import hyperparameters, write_tensorboard
@@ -192,6 +192,9 @@ def train(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
         "model": type(module.net).__name__,
         "best_checkpoint": best,
     }
+    robustness = next((cb.results for cb in trainer.callbacks if isinstance(cb, Robustness)), None)
+    if robustness:
+        metrics["robustness"] = robustness
     if trainer.is_global_zero:
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
         hparams = hyperparameters(cfg, choices, module.num_parameters)
@@ -220,6 +223,11 @@ def summary(m: dict[str, Any], run_dir: str) -> str:
             f"  test accuracy  {100 * m['test_acc']:.2f} %   (error {m['test_error_pct']:.2f} %)",
             f"  test loss      {m['test_loss']:.4f}   MSE {m['test_mse']:.5f}",
             f"  best val acc   {100 * m['best_val_acc']:.2f} %",
+            *(
+                f"  robustness     {100 * r['mean']:.2f} % degraded {split} images"
+                + (f", {100 * r['fonts']:.2f} % fonts" if "fonts" in r else "")
+                for split, r in m.get("robustness", {}).items()
+            ),
             f"  train time     {m['train_seconds']:.1f} s",
             f"  run dir        {run_dir}",
         ]
