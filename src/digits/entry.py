@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from digits.cli import run_cli, task
+from digits.cli import exit_without_teardown, run_cli, task
 from digits.config import split_args
 
 
@@ -74,11 +74,13 @@ def explore_app(cfg: DictConfig) -> None:
 def train() -> None:
     """Train a model: `digits-train model=cnn data=fashion` (`--help` lists every group and option)."""
     run_cli(train_app)
+    exit_without_teardown()
 
 
 def evaluate() -> None:
     """Evaluate a checkpoint on the test set: `digits-eval ckpt_path=<file>`."""
     run_cli(eval_app)
+    exit_without_teardown()
 
 
 EXTRA_INPUTS: list[str] = []  # predict's bare arguments: image files, directories, globs
@@ -92,6 +94,7 @@ def predict() -> None:
     overrides = [a for a in rest if "=" in a]
     sys.argv = [sys.argv[0], *("format=json" if a == "--json" else a for a in flags), *overrides]
     run_cli(predict_app)
+    exit_without_teardown()
 
 
 def explore() -> None:
