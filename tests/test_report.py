@@ -31,7 +31,7 @@ def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_d
     # the swept keys first in every run's name, the keys given to all runs next, the job number last
     runs = [Path(line) for line in (multirun / "runs.txt").read_text().split()]
     assert sorted(run.parent.name for run in runs)[0] == (
-        "lab_cnn_wd0.001_seed0_ep2_train_size-256_val_size-256_mnist_cnn_h128-50_k5-3_bs128_adam0.001"
+        "lab_cnn_wd0.001_seed0_ep2_train_size-256_val_size-256_mnist_cnn_h128-50_k5-3_bs128_adam0.002"
     )
     assert all(run.parent.parent == log_dir / "runs" and run.name.startswith(multirun.name) for run in runs)
 

@@ -36,7 +36,7 @@ def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
     (metrics_file,) = log_dir.glob("runs/*/*/metrics.json")
     run_dir = metrics_file.parent
     # the command line's keys first (TensorBoard cuts names at the end), then the rest of what the run is
-    assert run_dir.parent.name == "fashion_cnn_ep2_h120-84_k5_bs128_adam0.001_seed0"
+    assert run_dir.parent.name == "fashion_cnn_ep2_h120-84_k5_bs128_adam0.002_seed0"
     metrics = json.loads(metrics_file.read_text())
     assert metrics["params"] == 44_426 and metrics["epochs"] == 2 and metrics["data"] == "FashionMNIST"
     assert metrics["test_acc"] > 0.5, metrics

@@ -233,7 +233,7 @@ def test_run_settings_ignore_where_the_data_lives(make_cfg, tmp_path):
     assert differing_settings(a, c) == [
         "data.translate: 2 → 3",
         "optimizer._target_: torch.optim.Adam → torch.optim.SGD",
-        "optimizer.lr: 0.001 → 0.01",
+        "optimizer.lr: 0.002 → 0.01",
         "optimizer.momentum: (absent) → 0.9",
         "optimizer.nesterov: (absent) → False",
     ]
