@@ -85,8 +85,9 @@ def test_hparams_columns_cover_every_run_the_keys_that_vary_first(board):
     infos = experiment(board)["hparamInfos"]
     names = [info["name"] for info in infos]
     shown = [info["name"] for info in infos if info.get("differs")]
-    # what sets these runs apart, named once each, leads; the model's own keys follow from the model
-    assert set(shown) == {"model", "optimizer.weight_decay", "model.hidden_size", "data.batch_size"}
+    # what sets these runs apart, named once each, leads; the model's own keys follow from the model, the
+    # augmentation's (the sweep's MLPs train without shifts) from `augment`
+    assert set(shown) == {"augment", "model", "optimizer.weight_decay", "model.hidden_size", "data.batch_size"}
     assert names[: len(shown)] == shown
     # every key any run has, MLP or CNN, under the config's dotted names, each with one type
     assert {"model.kernel_size", "model.channels", "trainer.max_epochs", "optuna.trial", "seed"} <= set(names)
@@ -138,9 +139,10 @@ def test_the_hparams_table_in_a_real_browser_shows_the_swept_keys(board, tmp_pat
             time.sleep(0.5)
         header, rows = table[0], [row for row in table[1:] if row and row[0]]
         # the swept keys are the table's first columns, ticked by default; then the metrics
-        assert header[:6] == [
+        assert header[:7] == [
             "Trial ID",
             "Show Metrics",
+            "augment",
             "data.batch_size",
             "model",
             "model.hidden_size",

@@ -8,6 +8,7 @@ import yaml
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import read_events, run_train
+from digits.robustness import CORRUPTIONS
 from digits.train import train
 
 
@@ -42,6 +43,10 @@ def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
     assert metrics["test_acc"] > 0.5, metrics
     assert metrics["test_error_pct"] == pytest.approx(100 * (1 - metrics["test_acc"]))
     assert {"device", "precision", "train_seconds", "test_loss", "best_val_acc"} <= metrics.keys()
+    robust = metrics["robustness"]["test"]  # the suite on the tested checkpoint; no font digits for clothes
+    assert set(robust) == {*CORRUPTIONS, "mean"} and robust["mean"] == pytest.approx(
+        sum(robust[name] for name in CORRUPTIONS) / len(CORRUPTIONS)
+    )
     checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert {"last.ckpt", Path(metrics["best_checkpoint"]).name} == checkpoints
     assert (run_dir / ".hydra" / "config.yaml").exists()
@@ -50,6 +55,7 @@ def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
     events = read_events(run_dir)
     scalars = events.Tags()["scalars"]
     assert {"val/acc", "val/loss", "val/acc_best", "train/loss", "train/acc", "test/acc", "test/mse"} <= set(scalars)
+    assert events.Scalars("robust/mean")[-1].value == pytest.approx(robust["mean"], abs=1e-6)
     assert len(events.Scalars("val/acc")) == 2
     assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test_acc"], abs=1e-6)
     assert {"test/confusion_matrix", "test/misclassified"} <= set(events.Tags()["images"])
