@@ -35,7 +35,8 @@ from digits.train import train
 def config(device: str, out: Path, *overrides: str):
     trainer = "gpu" if device == "cuda" else "cpu"
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer={trainer}", "logger=none", *overrides])
+        # no augmentation: the loaders and the raw loop compare moving the same images, not drawing them
+        cfg = compose("train", overrides=[f"trainer={trainer}", "logger=none", "augment=none", *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.callbacks.pop("progress_bar", None)

@@ -114,8 +114,9 @@ def workdir(tmp_path_factory, data_dir) -> Path:
         (
             "experiment",
             "mine",
-            "# @package _global_\ndefaults:\n  - override /model: tiny\n  - override /data: bars\n\n"
-            "trainer:\n  max_epochs: 3\n",
+            # the bars' row is their class: no shifts (the default augment=shift would move them)
+            "# @package _global_\ndefaults:\n  - override /model: tiny\n  - override /data: bars\n"
+            "  - override /augment: none\n\ntrainer:\n  max_epochs: 3\n",
         ),
         (
             "hparams_search",

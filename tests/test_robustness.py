@@ -130,7 +130,7 @@ def test_training_with_the_degradations_beats_the_same_training_without_on_the_s
     plain = train(make_cfg(*base, *suite_on_val, "augment=shift"))
     trained = train(make_cfg(*base, *suite_on_val, "augment=digits"))
     before, after = plain["robustness"]["val"], trained["robustness"]["val"]
-    assert after["mean"] > before["mean"] + 0.10, (before, after)
+    assert after["mean"] > before["mean"] + 0.05, (before, after)
     for name in ("low_res_8", "blur_1.5", "faint"):
         assert after[name] > before[name], (name, before, after)
     assert trained["best_val_acc"] > plain["best_val_acc"] - 0.01  # the clean images barely pay for it

@@ -150,8 +150,14 @@ def test_a_preempted_trial_resumes_from_its_checkpoint_each_time(slurm, tmp_path
     assert (run_dir / "train.log").read_text().count(f"resuming from {run_dir}/checkpoints/last.ckpt") == 2
     steps = [e.step for e in read_events(run_dir).Scalars("val/acc")]
     assert len(steps) == 3 == len(set(steps)), steps  # every epoch once, across both restarts
-    history = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job, "-o", "State"], capture_output=True, text=True)
-    assert history.stdout.split() == ["REQUEUED", "REQUEUED", "COMPLETED"]
+
+    def history() -> list[str]:
+        states = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job, "-o", "State"], capture_output=True, text=True)
+        return states.stdout.split()
+
+    # the trial's result is in before the job has ended and its accounting is written
+    wait_until(lambda: history()[-1:] == ["COMPLETED"], timeout=60, what=f"job {job} to be accounted COMPLETED")
+    assert history() == ["REQUEUED", "REQUEUED", "COMPLETED"]
 
 
 def start_workers(log_dir: Path, data_dir: Path, storage: str, n_trials: int) -> str:

@@ -158,6 +158,7 @@ def test_flip_augments_training_batches_only(make_cfg, data_dir):
 def test_device_and_torch_loaders_reach_comparable_accuracy(make_cfg):
     common = [
         "model=mlp",
+        "augment=none",
         "data.train_size=4000",
         "data.val_size=1000",
         "trainer.max_epochs=2",

@@ -19,7 +19,7 @@ def test_fast_dev_run_every_model_and_dataset(make_cfg, model, data):
     # one training step from the initial weights on normalised images: near-uniform predictions over the
     # 10 classes (unnormalised pixels, wrong labels or a wrong class count land far from ln 10)
     assert metrics["test_loss"] == pytest.approx(math.log(10), abs=0.5)
-    assert metrics["test_mse"] == pytest.approx(0.09, abs=0.01)
+    assert metrics["test_mse"] == pytest.approx(0.09, abs=0.02)
 
 
 def test_torch_dataloader_path_trains(make_cfg):
@@ -86,7 +86,9 @@ def test_csv_logger_beside_tensorboard_gets_the_hparams_and_final_metrics(make_c
 
 @pytest.mark.slow
 def test_mlp_reaches_an_accuracy_floor_on_a_fixed_seed(make_cfg):
-    cfg = make_cfg("model=mlp", "data.train_size=5000", "data.val_size=1000", "trainer.max_epochs=2", "seed=0")
+    cfg = make_cfg(
+        "model=mlp", "augment=none", "data.train_size=5000", "data.val_size=1000", "trainer.max_epochs=2", "seed=0"
+    )
     metrics = train(cfg)
     assert metrics["test_acc"] > 0.90, metrics
 
