@@ -16,6 +16,8 @@ from digits.errors import is_number, require
 class Augment:
     """The augmentations a dataset config asks for; calling it on a batch applies them all."""
 
+    DEVICE_ONLY = ("elastic", "low_res", "blur", "contrast")  # torchvision's per-sample path has no twin of these
+
     def __init__(
         self,
         translate: int = 0,
@@ -71,12 +73,17 @@ def uniform(n: int, low: float, high: float, device: torch.device, generator: to
 
 
 def random_translate(ink: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Move each image by its own random (dx, dy) in [-shift, shift]²."""
+    """Move each image by its own random (dy, dx) in [-shift, shift]²."""
+    dy, dx = shift - torch.randint(0, 2 * shift + 1, (2, len(ink)), device=ink.device, generator=generator)
+    return translate(ink, dy, dx, shift)
+
+
+def translate(ink: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, most: int) -> torch.Tensor:
+    """Move each image by its own (dy, dx) pixels (down, right; each at most `most`), filling with no ink."""
     n, _, h, w = ink.shape
-    padded = F.pad(ink, (shift,) * 4)
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), device=ink.device, generator=generator)
-    rows = (torch.arange(h, device=ink.device) + dy)[:, :, None]
-    cols = (torch.arange(w, device=ink.device) + dx)[:, None, :]
+    padded = F.pad(ink, (most,) * 4)
+    rows = (torch.arange(h, device=ink.device) + most - dy[:, None])[:, :, None]
+    cols = (torch.arange(w, device=ink.device) + most - dx[:, None])[:, None, :]
     return padded[torch.arange(n, device=ink.device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 

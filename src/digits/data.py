@@ -110,7 +110,8 @@ class DigitsDataModule(L.LightningDataModule):
     `dataset` names the torchvision class; `mean` and `std` are its training images' pixel statistics;
     `frame_box` and `frame_by_mass` say how its makers framed each object in 28×28 (the bounding box
     scaled to fit this side, centred by centre of mass or by the box), so that predict.py frames outside
-    images the same way; `train_pool` is the size of its official training split.
+    images the same way; `train_pool` is the size of its official training split. The other keywords are
+    the training augmentations (`digits.augment.Augment`).
     """
 
     def __init__(
@@ -127,17 +128,10 @@ class DigitsDataModule(L.LightningDataModule):
         train_size: int | float | None = None,
         eval_batch_size: int = 1_000,
         loader: str = "device",
-        translate: int = 0,
-        rotate: float = 0.0,
-        zoom: float = 0.0,
-        elastic: float = 0.0,
-        flip: bool = False,
-        low_res: int = 0,
-        blur: float = 0.0,
-        contrast: float = 0.0,
         num_workers: int = 0,
         download: bool = True,
         seed: int = 0,
+        **augment: Any,
     ) -> None:
         super().__init__()
         _check_count("batch_size", batch_size)
@@ -151,11 +145,10 @@ class DigitsDataModule(L.LightningDataModule):
         require(ok_box, "frame_box", frame_box, "a side from 1 to 28 pixels")
         _check_count("train_pool", train_pool)
         self.mean, self.std, self.frame_box, self.frame_by_mass = float(mean), float(std), frame_box, frame_by_mass
-        device_only = {"elastic": elastic, "low_res": low_res, "blur": blur, "contrast": contrast}
-        for key, value in device_only.items():
+        self.augment = Augment(**augment, fill=-self.mean / self.std)
+        for key in Augment.DEVICE_ONLY:
+            value = getattr(self.augment, key)
             require(loader == "device" or not value, key, value, "0 with loader=torch (it runs on the device loader)")
-        geometry = {"translate": translate, "rotate": rotate, "zoom": zoom, "flip": flip}
-        self.augment = Augment(**geometry, **device_only, fill=-self.mean / self.std)
         self.train_pool = train_pool
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from digits.augment import gaussian_blur, resample
+from digits.augment import gaussian_blur, resample, translate
 from digits.errors import DigitsError
 from digits.images import model_view
 
@@ -27,14 +27,9 @@ def _blur(sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _shifted(ink: torch.Tensor) -> torch.Tensor:
     """Each image moved SHIFT pixels in one of the eight directions, the same for every run."""
-    moves = [(dy, dx) for dy in (-SHIFT, 0, SHIFT) for dx in (-SHIFT, 0, SHIFT) if dy or dx]
-    which = torch.arange(len(ink)) % len(moves)
-    padded = F.pad(ink, (SHIFT,) * 4)
-    out = torch.empty_like(ink)
-    for k, (dy, dx) in enumerate(moves):
-        rows = which == k
-        out[rows] = padded[rows, :, SHIFT - dy : SHIFT - dy + 28, SHIFT - dx : SHIFT - dx + 28]
-    return out
+    moves = torch.tensor([(dy, dx) for dy in (-SHIFT, 0, SHIFT) for dx in (-SHIFT, 0, SHIFT) if dy or dx])
+    move = moves[torch.arange(len(ink)) % len(moves)].to(ink.device)
+    return translate(ink, move[:, 0], move[:, 1], SHIFT)
 
 
 # Each takes white-on-black ink in [0, 1], N×1×28×28
