@@ -27,7 +27,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from digits.config import CONF_DIR
+from digits.config import CONF_DIR, auto_precision
 from digits.data import shipped
 from digits.train import train
 
@@ -68,6 +68,24 @@ def data_seconds(data_dir: str, device: str) -> float:
     return time.perf_counter() - start
 
 
+def sweep_overhead_seconds(out: Path, trials: int = 6) -> float:
+    """A sweep of tiny MLP trials in one process (`python train.py -m hparams_search=mlp_optuna debug=quick`):
+    the median over trials after the first of each trial's seconds from ask to tell, less its fit seconds."""
+    import optuna  # only this row needs it
+
+    log_dir = out / "sweep"
+    command = [sys.executable, "train.py", "-m", "hparams_search=mlp_optuna", "debug=quick", "logger=none"]
+    command += [f"hydra.sweeper.n_trials={trials}", f"paths.log_dir={log_dir}"]
+    subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    sweep = log_dir / "sweeps" / "mlp_optuna_mnist"
+    study = optuna.load_study(study_name="mlp_optuna_mnist", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    fit = {}  # trial number → fit seconds; a trial's run dir ends in _trial<number>
+    for run in (sweep / "runs.txt").read_text().split():
+        fit[int(run.rsplit("_trial", 1)[1])] = json.loads((Path(run) / "metrics.json").read_text())["train_seconds"]
+    extra = sorted(t.duration.total_seconds() - fit[t.number] for t in study.trials if t.number > 0)
+    return extra[len(extra) // 2]
+
+
 def raw_loop_ratio(args: argparse.Namespace, out: Path, model: str) -> dict:
     """One fit of `model` with `digits.baseline.InterleavedBaseline`: blocks of 20 framework steps, each followed
     by 20 steps of the hand-written loop on the same device, data and optimizer, timed in the same process."""
@@ -97,6 +115,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="for the torch loader")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile for each model")
     parser.add_argument("--no-fast", action="store_true", help="skip the time-to-99% run of experiment=mnist_fast")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the per-trial overhead of a tiny sweep")
     parser.add_argument("--no-raw", action="store_true", help="skip the comparison with a hand-written loop")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[1] / "logs" / "benchmark.json")
     args = parser.parse_args()
@@ -142,21 +161,29 @@ def main() -> None:
         rows.append(row)
         print(f"{model:7s} {row['loader']:18s} {row['samples_per_s']:12,.0f} samples/s  epoch {epoch:.2f} s")
 
+    if not args.no_sweep:
+        overheads["sweep: per tiny trial beyond its training (median of 5)"] = sweep_overhead_seconds(out)
+
     raw_rows = [] if args.no_raw else [raw_loop_ratio(args, out, model) for model in args.models.split(",")]
 
     baseline = {r["model"]: r["samples_per_s"] for r in rows if r["loader"] == "torch"}
     for r in rows:
         r["vs_torch_loader"] = r["samples_per_s"] / baseline[r["model"]] if r["model"] in baseline else None
 
-    fast = None
+    fast = []  # mnist_fast in fp32, then in the precision the default trainer picks here when that differs
     if not args.no_fast:
-        m = train(config(args.device, out, "experiment=mnist_fast"))
-        fast = {
-            "train_seconds": m["train_seconds"],
-            "epoch_seconds": m["epoch_seconds"],
-            "test_acc": m["test_acc"],
-            "reached_99": m["test_acc"] >= 0.99,
-        }
+        precisions = dict.fromkeys(["32-true", auto_precision(args.device)])
+        for precision in precisions:
+            m = train(config(args.device, out, "experiment=mnist_fast", f"trainer.precision={precision}"))
+            fast.append(
+                {
+                    "precision": precision,
+                    "train_seconds": m["train_seconds"],
+                    "epoch_seconds": m["epoch_seconds"],
+                    "test_acc": m["test_acc"],
+                    "reached_99": m["test_acc"] >= 0.99,
+                }
+            )
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
     machine = f"{device_name}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
@@ -183,10 +210,11 @@ def main() -> None:
     for name, seconds in overheads.items():
         print(f"| {name} | {seconds:.2f} |")
     if fast:
-        print(
-            f"\nexperiment=mnist_fast: {100 * fast['test_acc']:.2f}% test accuracy after "
-            f"{fast['train_seconds']:.2f} s of training (fit, validation included; start-up and data not counted)"
-        )
+        print("\n### experiment=mnist_fast (fit seconds, validation included; start-up and data not counted)\n")
+        print("| precision | test acc % | train s | × 32-true |\n|---|---:|---:|---:|")
+        for r in fast:
+            ratio = r["train_seconds"] / fast[0]["train_seconds"]
+            print(f"| {r['precision']} | {100 * r['test_acc']:.2f} | {r['train_seconds']:.2f} | {ratio:.2f} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine, "device": args.device, "rows": rows, "raw_loop": raw_rows, "overheads_s": overheads}
     args.json.write_text(json.dumps(results | {"fast": fast}, indent=2))

@@ -1,6 +1,7 @@
 """The fast path: device-resident batches (order, shards, resume, augmentation), precision and compile."""
 
 import socket
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -10,6 +11,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from digits.augment import Augment, random_flip, random_warp
+from digits.config import cpu_has_fast_bf16
 from digits.data import DeviceLoader, EpochSampler
 from digits.train import train
 
@@ -177,6 +179,35 @@ def test_translation_and_bf16_autocast_compose_on_cpu(make_cfg):
     fp32 = train(make_cfg(*quick))
     assert bf16["test_loss"] != fp32["test_loss"], "bf16 autocast changes the arithmetic"
     assert abs(bf16["test_acc"] - fp32["test_acc"]) < 0.02 and bf16["test_acc"] > 0.7  # untrained: 0.1
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "fast"),
+    [
+        ({"avx512_f": True, "avx512_bf16": True}, True),  # Cooper Lake, Zen 4
+        ({"avx512_f": True, "avx512_bf16": False, "amx_bf16": True}, True),  # AMX without the AVX-512 form
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, False),  # Skylake-SP
+        ({"neon": True, "bf16": True}, True),  # Arm v8.6 (Graviton 3)
+        ({"neon": True, "bf16": False}, False),
+        ({}, False),
+    ],
+)
+def test_bf16_counts_as_fast_only_where_the_cpu_computes_it(capabilities, fast):
+    assert cpu_has_fast_bf16(capabilities) is fast
+
+
+def _cpuinfo_flags() -> set[str]:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return {flag for line in lines if line.startswith(("flags", "Features")) for flag in line.split(":")[1].split()}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or torch.cuda.is_available(), reason="a Linux CPU machine")
+def test_default_trainer_picks_bf16_from_what_the_cpu_reports(make_cfg):
+    # read from the kernel's flags, not from the function that decides
+    expected = "bf16-mixed" if {"avx512_bf16", "amx_bf16", "bf16"} & _cpuinfo_flags() else "32-true"
+    metrics = train(make_cfg("model=mlp", "debug=quick", "logger=none"))
+    assert metrics["precision"] == expected
+    assert make_cfg("trainer=cpu").trainer.precision == "32-true"  # the plain-fp32 CPU trainer stays so
 
 
 @pytest.mark.slow

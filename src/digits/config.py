@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,11 +32,21 @@ def root_dir() -> str:
     return os.environ.get("DIGITS_ROOT") or os.getcwd()
 
 
-def auto_precision() -> str:
-    """bf16 autocast where the GPU has bf16, full fp32 elsewhere."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+def cpu_has_fast_bf16(capabilities: Mapping[str, Any] | None = None) -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (x86 AVX512-BF16 or AMX, Arm's BF16 extension);
+    elsewhere bf16 is emulated and slower than fp32."""
+    caps = torch.cpu.get_capabilities() if capabilities is None else capabilities
+    return any(caps.get(flag) for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def auto_precision(accelerator: str = "auto") -> str:
+    """bf16 autocast on the trainer's device where it computes bf16 in hardware (a GPU with bf16, a CPU with
+    `cpu_has_fast_bf16`), full fp32 elsewhere."""
+    accelerator = str(accelerator)
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if accelerator in ("auto", "cpu") and cpu_has_fast_bf16() else "32-true"
 
 
 def _tag(value: Any) -> str:
@@ -74,16 +85,20 @@ def swept_keys(hydra: DictConfig) -> set[str]:
     keys = set((hydra.sweeper.get("params") or {}).keys())
     saved = Path(str(hydra.sweep.dir)) / "multirun.yaml"
     if saved.is_file():
-        try:
-            lines = OmegaConf.load(saved).hydra.overrides.task
-            keys |= {
-                o.get_key_element()
-                for o in OverridesParser.create().parse_overrides(list(lines))
-                if o.is_sweep_override()
-            }
-        except (HydraException, OSError, ValueError):
-            pass  # an unreadable record only costs the name its order
+        keys |= _command_line_sweeps(str(saved), saved.stat().st_mtime_ns)
     return {k.lstrip("+~") for k in keys}
+
+
+@functools.lru_cache(maxsize=8)
+def _command_line_sweeps(saved: str, mtime_ns: int) -> frozenset[str]:
+    """The swept keys of a multirun's command line, parsed once per process and version of its record (Hydra's
+    override parser costs about 0.1 s, paid by every trial otherwise)."""
+    try:
+        lines = OmegaConf.load(saved).hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides(list(lines))
+    except (HydraException, OSError, ValueError):
+        return frozenset()  # an unreadable record only costs the name its order
+    return frozenset(o.get_key_element() for o in parsed if o.is_sweep_override())
 
 
 def run_name(*, _root_: DictConfig) -> str:

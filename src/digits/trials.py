@@ -1,5 +1,6 @@
 """The job's side of an Optuna sweep: open the study's storage, report epochs to the trial for pruning."""
 
+import functools
 import random
 import time
 import warnings
@@ -56,13 +57,19 @@ def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
             time.sleep(0.2 + random.random())
 
 
+@functools.lru_cache(maxsize=4)
+def _trial_storage(url: str) -> optuna.storages.BaseStorage:
+    """One connection per process for all the trials it runs (a journal is replayed once, not per trial)."""
+    return open_storage(url)
+
+
 def pruning_callback(trial_cfg: DictConfig | None, monitor: str = "val/acc") -> Callback | None:
     """The sweeper passes `optuna.{storage,study_name,trial}`; the job reports `monitor` every epoch."""
     if not trial_cfg or trial_cfg.get("trial") is None or not trial_cfg.get("storage"):
         return None
     from optuna_integration import PyTorchLightningPruningCallback
 
-    storage = open_storage(trial_cfg.storage)
+    storage = _trial_storage(trial_cfg.storage)
     study_id = storage.get_study_id_from_name(trial_cfg.study_name)
     pruner = instantiate(storage.get_study_user_attrs(study_id).get(PRUNER_ATTR) or {"_target_": NOP})
     study = optuna.load_study(study_name=trial_cfg.study_name, storage=storage, pruner=pruner)
