@@ -68,7 +68,10 @@ def data_seconds(data_dir: str, device: str) -> float:
     return time.perf_counter() - start
 
 
-def sweep_overhead_seconds(out: Path, trials: int = 6) -> float:
+SWEEP_TRIALS = 6
+
+
+def sweep_overhead_seconds(out: Path, trials: int = SWEEP_TRIALS) -> float:
     """A sweep of tiny MLP trials in one process (`python train.py -m hparams_search=mlp_optuna debug=quick`):
     the median over trials after the first of each trial's seconds from ask to tell, less its fit seconds."""
     import optuna  # only this row needs it
@@ -162,7 +165,9 @@ def main() -> None:
         print(f"{model:7s} {row['loader']:18s} {row['samples_per_s']:12,.0f} samples/s  epoch {epoch:.2f} s")
 
     if not args.no_sweep:
-        overheads["sweep: per tiny trial beyond its training (median of 5)"] = sweep_overhead_seconds(out)
+        overheads[f"sweep: per tiny trial beyond its training (median of {SWEEP_TRIALS - 1})"] = sweep_overhead_seconds(
+            out
+        )
 
     raw_rows = [] if args.no_raw else [raw_loop_ratio(args, out, model) for model in args.models.split(",")]
 
