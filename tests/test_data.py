@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from digits.augment import Augment
 from digits.data import DeviceLoader, EpochSampler, shipped
 from digits.errors import DigitsError
 
@@ -73,6 +74,31 @@ def test_device_loader_batches():
     loader = DeviceLoader(x, y, batch_size=4, sampler=EpochSampler(10, shuffle=False, seed=0))
     assert len(loader) == 3
     assert [b[1].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_device_loader_hands_several_batches_per_call_and_resumes_between_them():
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    loader = DeviceLoader(x, y, batch_size=2, sampler=EpochSampler(10, shuffle=False, seed=0), steps_per_call=2)
+    calls = list(loader)
+    assert len(loader) == 3 and loader.steps == 5
+    assert [c.labels.tolist() for c in calls] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [c.images.flatten().tolist() for c in calls] == [c.labels.float().tolist() for c in calls]
+    assert {c.batch_size for c in calls} == {2}
+    assert loader.state_dict() == {"epoch": 0, "batches_trained": 5}  # counted in batches, not calls
+    loader.load_state_dict({"epoch": 0, "batches_trained": 3})  # stopped after the third batch
+    assert [c.labels.tolist() for c in loader] == [[6, 7, 8, 9]]
+
+
+def test_several_batches_per_call_are_augmented_as_one_per_call():
+    images = torch.randn(50, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    def served(steps_per_call: int) -> torch.Tensor:
+        augment = Augment(translate=2, low_res=8, blur=1.0, fill=-0.4)  # low_res draws its side once per batch
+        sampler = EpochSampler(50, shuffle=True, seed=0)
+        loader = DeviceLoader(images, torch.arange(50), 8, sampler, augment, steps_per_call=steps_per_call)
+        return torch.cat([batch[0] for batch in loader])
+
+    assert torch.equal(served(1), served(3)) and not torch.equal(served(1), images)
 
 
 @pytest.mark.parametrize(

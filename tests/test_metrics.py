@@ -92,3 +92,41 @@ def test_the_raw_loop_and_the_framework_reach_the_same_weights_and_loss(batches,
         assert F.cross_entropy(module.net.eval()(x), y).item() == pytest.approx(
             F.cross_entropy(raw.net.eval()(x), y).item(), rel=1e-5
         )
+
+
+def test_several_steps_per_call_train_exactly_as_one(batches):
+    """A training batch holding several steps' batches (`digits.data.Steps`) gives the same steps in the same
+    order: the same weights, train metrics and per-step schedule as one step per batch."""
+    from digits.data import DeviceLoader, EpochSampler
+
+    images, labels = batches.dataset.tensors
+
+    def fit(steps_per_call: int) -> tuple[Classifier, L.Trainer]:
+        torch.manual_seed(0)
+        module = Classifier(
+            MLP(hidden_size=32),
+            optimizer=partial(torch.optim.Adam, lr=1e-3),
+            scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
+            scheduler_interval="step",
+        )
+        loader = DeviceLoader(
+            images, labels, 64, EpochSampler(len(labels), True, seed=1), steps_per_call=steps_per_call
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=loader)
+        return module, trainer
+
+    (one, one_trainer), (five, five_trainer) = fit(1), fit(5)
+    steps = 2 * 16  # 1000 images in batches of 64, two epochs
+    assert one_trainer.global_step == five_trainer.global_step == steps
+    assert five_trainer.num_training_batches == 4  # 16 batches a call of up to 5
+    for trainer in (one_trainer, five_trainer):
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        assert scheduler.last_epoch == scheduler.total_steps == steps  # stepped once per batch, to its end
+    for a, b in zip(one.net.state_dict().values(), five.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for name in ("train/loss", "train/acc"):
+        assert one_trainer.callback_metrics[name].item() == five_trainer.callback_metrics[name].item()

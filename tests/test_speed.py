@@ -149,7 +149,7 @@ def test_flip_augments_training_batches_only(make_cfg, data_dir):
     dm = instantiate(make_cfg("data=fashion", "augment=clothes", "data.train_size=512", "data.val_size=512").data)
     dm.setup()
     train_x, _ = dm._splits["train"]
-    seen = torch.cat([x for x, _ in dm.train_dataloader()])
+    seen = torch.cat([batch[0] for batch in dm.train_dataloader()])
     order = dm.train_dataloader().sampler.indices()
     assert not torch.equal(seen, train_x[order]) and torch.equal(seen.sort(-1).values, train_x[order].sort(-1).values)
     val_x, _ = dm._splits["val"]

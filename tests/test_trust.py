@@ -254,6 +254,8 @@ def test_run_settings_ignore_where_the_data_lives(make_cfg, tmp_path):
         ("seed=abc", "seed='abc' is not allowed"),
         ("trainer.devices=64", "trainer.devices=64 is not allowed; expected 'auto' or 1 to"),
         ("trainer.devices=[0,5000]", "trainer.devices=[0, 5000] is not allowed"),
+        ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not allowed; expected it unset or 0"),
+        ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4 is not allowed"),
     ],
 )
 def test_values_lightning_would_take_badly_are_refused(make_cfg, override, message):

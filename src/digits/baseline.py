@@ -69,13 +69,15 @@ class RawLoop:
 
 
 class InterleavedBaseline(L.Callback):
-    """In each training epoch: after every `block` framework steps, `block` raw steps; both timed per block
-    (the device synchronised at each mark) and written to `out` as JSON when the fit ends."""
+    """In each training epoch: after at least `block` framework optimizer steps (a training batch may hold several),
+    as many raw steps; both timed per block (the device synchronised at each mark) and written to `out` as JSON
+    when the fit ends."""
 
     def __init__(self, out: str | Path, block: int = 20) -> None:
         self.out, self.block = Path(out), block
         self.framework: list[float] = []
         self.raw: list[float] = []
+        self.steps: list[int] = []
         self.raw_loop: RawLoop | None = None
 
     def _now(self, device: torch.device) -> float:
@@ -91,19 +93,21 @@ class InterleavedBaseline(L.Callback):
         self.raw_loop.run(self.block)  # its first steps allocate and warm up, as the framework's did
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.steps, self.start = 0, self._now(pl_module.device)
+        self.first_step, self.start = trainer.global_step, self._now(pl_module.device)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.steps += 1
-        if self.steps % self.block:
+        steps = trainer.global_step - self.first_step
+        if steps < self.block:
             return
         mark = self._now(pl_module.device)
         self.framework.append(mark - self.start)
-        self.raw_loop.run(self.block)
+        self.raw_loop.run(steps)
         self.start = self._now(pl_module.device)
         self.raw.append(self.start - mark)
+        self.steps.append(steps)
+        self.first_step = trainer.global_step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ratios = sorted(f / r for f, r in zip(self.framework, self.raw, strict=True))
@@ -115,9 +119,10 @@ class InterleavedBaseline(L.Callback):
                     "block": self.block,
                     "framework_block_s": self.framework,
                     "raw_block_s": self.raw,
+                    "block_steps": self.steps,
                     "step_ratio_median": statistics.median(ratios),
                     "step_ratio_iqr": [quartiles[0], quartiles[2]],
-                    "raw_step_s": sum(self.raw) / (len(self.raw) * self.block),
+                    "raw_step_s": sum(self.raw) / sum(self.steps),
                 }
             )
         )

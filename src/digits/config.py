@@ -295,6 +295,11 @@ def check_run(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     ok_lr = is_number(lr) and math.isfinite(lr) and lr > 0
     require(ok_lr, "optimizer.lr", lr, "a finite number > 0")
+    # digits.module.Classifier steps the optimizer itself (several steps per training batch): Lightning's
+    # own clipping and accumulation do not reach those steps, and it refuses them with a traceback
+    for key, off in (("gradient_clip_val", (None, 0)), ("accumulate_grad_batches", (None, 1))):
+        value = cfg.trainer.get(key)
+        require(value in off, f"trainer.{key}", value, f"it unset or {off[1]} (digits steps the optimizer itself)")
     check_devices(cfg.trainer)
 
 

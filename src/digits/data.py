@@ -9,7 +9,7 @@ DataLoader, kept as the reference.
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -56,9 +56,24 @@ class EpochSampler:
         return order[self.rank :: self.world_size]
 
 
+class Steps(NamedTuple):
+    """Several optimizer steps' batches handed over as one: `batch_size` images per step, in order.
+
+    Lightning spends a fixed ~0.5 ms of Python on every batch it hands to `training_step`; a small net's
+    whole step costs about that much, so the device loader hands over several steps at a time
+    (`digits.module.Classifier` steps through them).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int
+
+
 class DeviceLoader:
     """Batches sliced out of tensors that already live on the training device: no per-sample Python.
 
+    With `steps_per_call` > 1 each item is a `Steps` of that many consecutive batches of one permutation
+    (the last may hold fewer): the same batches, augmented the same way, in the same order, as with 1.
     Stateful for Lightning: a checkpoint taken mid-epoch (at a batch end, where every batch handed
     out has been trained on) resumes at the next batch of the same permutation.
     """
@@ -72,29 +87,38 @@ class DeviceLoader:
         batch_size: int,
         sampler: EpochSampler,
         augment: Augment | None = None,
+        steps_per_call: int = 1,
     ):
         self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
-        self.augment = augment
+        self.augment, self.steps_per_call = augment, steps_per_call
         self.served, self.resume_at = 0, 0
 
-    def __len__(self) -> int:
+    @property
+    def steps(self) -> int:
+        """Batches (optimizer steps) per epoch."""
         return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.steps / self.steps_per_call)
 
     def __iter__(self):
         order = self.sampler.indices().to(self.images.device, non_blocking=True)
         generator = torch.Generator(self.images.device).manual_seed(self.sampler.seed + self.sampler.epoch)
         start, self.resume_at = self.resume_at, 0
-        for served, batch in enumerate(order.split(self.batch_size)[start:], start=start + 1):
-            self.served = served
-            images = self.images[batch]
-            yield (self.augment(images, generator) if self.augment else images), self.labels[batch]
+        for first in range(start, self.steps, self.steps_per_call):
+            self.served = min(first + self.steps_per_call, self.steps)
+            batch = order[first * self.batch_size : self.served * self.batch_size]
+            images, labels = self.images[batch], self.labels[batch]
+            if self.augment:  # batch by batch: some draws are per batch (low_res's side), as with one per call
+                images = torch.cat([self.augment(part, generator) for part in images.split(self.batch_size)])
+            yield (images, labels) if self.steps_per_call == 1 else Steps(images, labels, self.batch_size)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches_trained": self.served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.set_epoch(state["epoch"])
-        self.resume_at = state["batches_trained"] if state["batches_trained"] < len(self) else 0
+        self.resume_at = state["batches_trained"] if state["batches_trained"] < self.steps else 0
 
 
 # A sweep's trials in one process check and read the dataset files once (our own: torchvision reads and
@@ -111,7 +135,9 @@ class DigitsDataModule(L.LightningDataModule):
     `frame_box` and `frame_by_mass` say how its makers framed each object in 28×28 (the bounding box
     scaled to fit this side, centred by centre of mass or by the box), so that predict.py frames outside
     images the same way; `train_pool` is the size of its official training split. The other keywords are
-    the training augmentations (`digits.augment.Augment`).
+    the training augmentations (`digits.augment.Augment`). `steps_per_call` is how many training batches the
+    device loader hands to each `training_step` (one under DDP): the same steps, less of Lightning's
+    per-batch overhead.
     """
 
     def __init__(
@@ -131,11 +157,13 @@ class DigitsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         download: bool = True,
         seed: int = 0,
+        steps_per_call: int = 1,
         **augment: Any,
     ) -> None:
         super().__init__()
         _check_count("batch_size", batch_size)
         _check_count("eval_batch_size", eval_batch_size)
+        _check_count("steps_per_call", steps_per_call)
         require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
         self.dataset_cls = _dataset_class(dataset)
@@ -153,6 +181,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.loader, self.num_workers, self.download, self.seed = loader, num_workers, download, seed
+        self.steps_per_call = steps_per_call
         self.n_val = _split_size("val_size", val_size, self.train_pool, upper=self.train_pool - 1)
         remaining = self.train_pool - self.n_val
         self.n_train = remaining if train_size is None else _split_size("train_size", train_size, remaining, remaining)
@@ -274,7 +303,11 @@ class DigitsDataModule(L.LightningDataModule):
             )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = EpochSampler(len(data[1]), shuffle, self.seed, rank, world, even=shuffle)
-        return DeviceLoader(*data, batch_size, sampler, self.augment if split == "train" else None)
+        if split != "train":
+            return DeviceLoader(*data, batch_size, sampler)
+        # DDP synchronises gradients once per forward of the wrapped module: one step per call there
+        steps = self.steps_per_call if world == 1 else 1
+        return DeviceLoader(*data, batch_size, sampler, self.augment, steps)
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A split (`train`, `val` or `test`) whole, as normalised N×1×28×28 images and labels: as the device

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digits.data import Steps
 from digits.errors import DigitsError
 from digits.models import count_parameters
 
@@ -29,6 +30,9 @@ class Classifier(L.LightningModule):
     Each stage sums its metrics on the device, batch by batch, and logs them once per epoch with the epoch
     as the step: a training step never waits on the host, and runs of any batch size line up in TensorBoard.
     (Our own sums: per-step `self.log` and torchmetrics objects cost more than the step itself for small nets.)
+
+    It steps the optimizer itself, once per batch, so that one call can train on several batches
+    (`digits.data.Steps`): Lightning's automatic optimization allows one step per call.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class Classifier(L.LightningModule):
         self.sums: dict[str, torch.Tensor] = {}
         self.best_val_acc: float | None = None
         self.channels_last = False
+        self.automatic_optimization = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets this name around every hook call, some 40 times a step; nn.Module's checks for
@@ -77,12 +82,12 @@ class Classifier(L.LightningModule):
         sums = self.sums.get(stage)
         if sums is None:
             sums = self.sums[stage] = torch.zeros(4, dtype=torch.float32, device=loss.device)
-        with torch.no_grad():
-            sums[LOSS] += loss.detach().float() * len(y)
-            sums[CORRECT] += (logits.argmax(-1) == y).sum()
-            sums[COUNT] += len(y)
+        with torch.no_grad():  # in place on each sum's view: `sums[i] += …` would also copy it back
+            sums[LOSS].add_(loss.detach(), alpha=len(y))
+            sums[CORRECT].add_((logits.argmax(-1) == y).sum())
+            sums[COUNT].add_(len(y))
             if stage != "train":  # the softmax's distance from the one-hot label, as the labs' MSE
-                sums[SQUARED] += (logits.float().softmax(-1) - F.one_hot(y, self.num_classes)).square().sum()
+                sums[SQUARED].add_((logits.float().softmax(-1) - F.one_hot(y, self.num_classes)).square().sum())
         return loss, logits
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
@@ -103,8 +108,17 @@ class Classifier(L.LightningModule):
         # the rate this epoch starts with (Lightning's LearningRateMonitor logs on the batch axis, not the epoch's)
         self.log("train/lr", float(self.optimizers().param_groups[0]["lr"]))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")[0]
+    def training_step(self, batch: Steps | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch[0], batch[1]
+        size = batch.batch_size if isinstance(batch, Steps) else len(labels)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        for x, y in zip(images.split(size), labels.split(size), strict=True):
+            loss = self._step((x, y), "train")[0]
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            if scheduler is not None and self.scheduler_interval == "step":
+                scheduler.step()
 
     def on_train_epoch_end(self) -> None:
         loss = self._log_epoch("train").get("train/loss")
@@ -113,6 +127,9 @@ class Classifier(L.LightningModule):
                 f"training diverged: the train loss became {loss.item()} in epoch "
                 f"{self.current_epoch}; lower optimizer.lr or add a scheduler"
             )
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self.scheduler_interval == "epoch":
+            scheduler.step()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -145,9 +162,17 @@ class Classifier(L.LightningModule):
 
     def _schedule_length(self) -> dict[str, int]:
         """Fill a scheduler's length argument (OneCycle's total_steps, cosine's T_max) from the trainer."""
-        steps = (
-            self.trainer.estimated_stepping_batches if self.scheduler_interval == "step" else self.trainer.max_epochs
-        )
+        steps = self._optimizer_steps() if self.scheduler_interval == "step" else self.trainer.max_epochs
         accepted = inspect.signature(self.scheduler_factory).parameters
         given = getattr(self.scheduler_factory, "keywords", {})
         return {k: int(steps) for k in ("total_steps", "T_max", "total_iters") if k in accepted and k not in given}
+
+    def _optimizer_steps(self) -> int:
+        """Optimizer steps in the whole fit (Lightning counts training batches, which may hold several)."""
+        trainer = self.trainer
+        trainer.fit_loop.setup_data()  # a no-op once the training data is set up
+        loader = trainer.train_dataloader
+        per_call = getattr(loader, "steps_per_call", 1)
+        per_epoch = min(trainer.num_training_batches * per_call, getattr(loader, "steps", len(loader)))
+        total = per_epoch * trainer.max_epochs
+        return min(total, trainer.max_steps) if trainer.max_steps > 0 else total
