@@ -271,24 +271,31 @@ class DigitsDataModule(L.LightningDataModule):
             self._splits = {"train": Subset(train_set, train_idx), "val": Subset(eval_set, val_idx), "test": test_set}
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        train_x, train_y = self.load_tensors(train=True, device=device)
-        test_x, test_y = self.load_tensors(train=False, device=device)
-        train_idx, val_idx = train_idx.to(device), val_idx.to(device)
+        train, test = self._read(train=True), self._read(train=False)
+        # sliced before they are normalised: a sweep's tiny trials do not convert all 60k images each
         self._splits = {
-            "train": (train_x[train_idx], train_y[train_idx]),
-            "val": (train_x[val_idx], train_y[val_idx]),
-            "test": (test_x, test_y),
+            "train": self._normalise(*(t[train_idx] for t in train), device),
+            "val": self._normalise(*(t[val_idx] for t in train), device),
+            "test": self._normalise(*test, device),
         }
 
     def load_tensors(self, train: bool, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The whole official split as normalised N×1×28×28 floats and int64 labels on `device`."""
+        return self._normalise(*self._read(train), device)
+
+    def _read(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official split's uint8 images and labels, read once per process (shared: never to be changed)."""
         key = (*self._files(), train)
         if key not in _READ:
             ds = self.dataset_cls(str(self.data_dir), train=train)
             _READ[key] = ds.data, ds.targets
-        data, targets = _READ[key]
+        return _READ[key]
+
+    def _normalise(
+        self, data: torch.Tensor, targets: torch.Tensor, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images = data.to(device).unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
-        return images, targets.clone().to(device)
+        return images, targets.to(device, copy=True)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader | DeviceLoader:
         data = self._splits[split]
