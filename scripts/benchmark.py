@@ -7,7 +7,7 @@ Prints Markdown tables and writes JSON. Start-up, data preparation and compile t
 own rows, never folded into training time. The torch DataLoader rows are the data path's baseline: the
 ratio column divides the device loader's samples/s by theirs, same model, same batch size. The framework's
 baseline is a hand-written PyTorch loop (`digits.baseline`), run interleaved with the framework inside one
-fit: digits/raw per step (median and IQR over blocks of 20 steps) and per epoch.
+fit: digits/raw per step (median and IQR over blocks of at least 20 steps) and per epoch.
 """
 
 import argparse
@@ -90,8 +90,8 @@ def sweep_overhead_seconds(out: Path, trials: int = SWEEP_TRIALS) -> float:
 
 
 def raw_loop_ratio(args: argparse.Namespace, out: Path, model: str) -> dict:
-    """One fit of `model` with `digits.baseline.InterleavedBaseline`: blocks of 20 framework steps, each followed
-    by 20 steps of the hand-written loop on the same device, data and optimizer, timed in the same process."""
+    """One fit of `model` with `digits.baseline.InterleavedBaseline`: blocks of at least 20 framework steps, each
+    followed by as many steps of the hand-written loop on the same device, data and optimizer, timed in one process."""
     timings = out / f"raw_{model}.json"
     cfg = config(
         args.device, out, f"model={model}", f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}"

@@ -1,3 +1,8 @@
+import shutil
+import subprocess
+import sys
+from subprocess import PIPE
+
 import pytest
 import torch
 
@@ -129,3 +134,22 @@ def test_corrupt_archive_is_reported_by_name(data_dir, tmp_path):
 def test_missing_file_without_download_is_reported_by_name(tmp_path):
     with pytest.raises(DigitsError, match=r"train-images-idx3-ubyte.gz is missing"):
         shipped("fashion", data_dir=tmp_path, download=False).prepare_data()
+
+
+@pytest.mark.slow
+def test_runs_starting_at_once_on_a_fresh_data_dir_each_read_whole_files(tmp_path, data_dir):
+    """torchvision extracts the .gz files in place: without the data dir's lock, a second run would read one
+    half-written."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (data_dir / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(gz, raw)
+    code = (
+        "from digits.data import shipped; "
+        f"dm = shipped('mnist', data_dir={str(tmp_path / 'data')!r}); dm.prepare_data(); dm.setup(); "
+        "print(len(dm.tensors('train')[1]), len(dm.tensors('test')[1]))"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=PIPE, stderr=PIPE, text=True) for _ in range(3)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], [err[-600:] for _, err in outputs]
+    assert [out.split() for out, _ in outputs] == [["55000", "10000"]] * 3

@@ -7,12 +7,15 @@ out of one seeded permutation per epoch; `torch` is torchvision's per-sample PIL
 DataLoader, kept as the reference.
 """
 
+import contextlib
 import math
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import MNIST
@@ -216,8 +219,9 @@ class DigitsDataModule(L.LightningDataModule):
         if self._files() in _VERIFIED:
             return
         try:
-            for train in (True, False):
-                self.dataset_cls(str(self.data_dir), train=train, download=self.download)
+            with self._extraction_lock():
+                for train in (True, False):
+                    self.dataset_cls(str(self.data_dir), train=train, download=self.download)
         except RuntimeError as err:
             if "not found" not in str(err):
                 raise DigitsError(self._describe_unreadable_data(err)) from None
@@ -229,6 +233,15 @@ class DigitsDataModule(L.LightningDataModule):
             if path.exists() and not check_integrity(str(path), md5):
                 raise DigitsError(f"{path} fails its md5 check (expected {md5}); delete it and download it again")
         _VERIFIED.add(self._files())
+
+    def _extraction_lock(self) -> contextlib.AbstractContextManager:
+        """Runs starting at once on a fresh data dir (a sweep's parallel trials): one downloads and extracts the
+        files, the others wait, instead of reading a half-written file (torchvision writes them in place)."""
+        with contextlib.suppress(OSError):
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.data_dir, os.W_OK):
+            return contextlib.nullcontext()  # read-only: nothing can be written there to wait for
+        return FileLock(self.data_dir / f".{self.name}.lock")
 
     def _describe_missing_data(self, err: RuntimeError) -> str:
         for filename, md5 in self.dataset_cls.resources:
