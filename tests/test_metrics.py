@@ -101,7 +101,7 @@ def test_several_steps_per_call_train_exactly_as_one(batches):
 
     images, labels = batches.dataset.tensors
 
-    def fit(steps_per_call: int) -> tuple[Classifier, L.Trainer]:
+    def fit(steps_per_call: int, max_steps: int = -1) -> tuple[Classifier, L.Trainer]:
         torch.manual_seed(0)
         module = Classifier(
             MLP(hidden_size=32),
@@ -113,8 +113,8 @@ def test_several_steps_per_call_train_exactly_as_one(batches):
             images, labels, 64, EpochSampler(len(labels), True, seed=1), steps_per_call=steps_per_call
         )
         trainer = L.Trainer(
-            accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0,
+            accelerator="cpu", max_epochs=2, max_steps=max_steps, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         )  # fmt: skip
         trainer.fit(module, train_dataloaders=loader)
         return module, trainer
@@ -130,3 +130,5 @@ def test_several_steps_per_call_train_exactly_as_one(batches):
         assert torch.equal(a, b)
     for name in ("train/loss", "train/acc"):
         assert one_trainer.callback_metrics[name].item() == five_trainer.callback_metrics[name].item()
+    _, stopped = fit(5, max_steps=7)  # mid-call: the schedule is 7 steps long and ends there, not at 10
+    assert stopped.global_step == 7 and stopped.lr_scheduler_configs[0].scheduler.last_epoch == 7

@@ -113,6 +113,8 @@ class Classifier(L.LightningModule):
         size = batch.batch_size if isinstance(batch, Steps) else len(labels)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         for x, y in zip(images.split(size), labels.split(size), strict=True):
+            if 0 < self.trainer.max_steps <= self.trainer.global_step:
+                break  # Lightning checks max_steps between calls only
             loss = self._step((x, y), "train")[0]
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
