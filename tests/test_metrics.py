@@ -132,3 +132,51 @@ def test_several_steps_per_call_train_exactly_as_one(batches):
         assert one_trainer.callback_metrics[name].item() == five_trainer.callback_metrics[name].item()
     _, stopped = fit(5, max_steps=7)  # mid-call: the schedule is 7 steps long and ends there, not at 10
     assert stopped.global_step == 7 and stopped.lr_scheduler_configs[0].scheduler.last_epoch == 7
+
+
+def test_a_checkpoint_from_automatic_optimization_resumes_its_step_count(batches, tmp_path):
+    """Checkpoints written before the Classifier stepped the optimizer itself keep the step count where Lightning's
+    automatic optimization does; a resume from one goes on from it and trains as a straight run would."""
+    from digits.data import DeviceLoader, EpochSampler
+
+    images, labels = batches.dataset.tensors
+
+    class StopAfterOneEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            trainer.should_stop = True
+
+    def fit(ckpt_path: str | None = None, interrupt: bool = False) -> tuple[Classifier, L.Trainer]:
+        torch.manual_seed(0)
+        module = Classifier(
+            MLP(hidden_size=32),
+            optimizer=partial(torch.optim.Adam, lr=1e-3),
+            scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
+            scheduler_interval="step",
+        )
+        loader = DeviceLoader(images, labels, 64, EpochSampler(len(labels), True, seed=1), steps_per_call=5)
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, callbacks=[StopAfterOneEpoch()] if interrupt else [],
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+        return module, trainer
+
+    _, first = fit(interrupt=True)
+    first.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    loop = checkpoint["loops"]["fit_loop"]
+    manual = loop["epoch_loop.manual_optimization.optim_step_progress"]
+    automatic = loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"]
+    assert manual["total"]["completed"] == 16 and automatic["total"]["completed"] == 0
+    # the older layout, as such a run wrote it: the same count on the automatic side, none on the manual
+    automatic["total"], automatic["current"] = dict(manual["total"]), dict(manual["current"])
+    for tracker in (manual["total"], manual["current"]):
+        tracker.update(ready=0, completed=0)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    resumed, resumed_trainer = fit(str(tmp_path / "old.ckpt"))
+    straight, straight_trainer = fit()
+    assert resumed_trainer.global_step == straight_trainer.global_step == 32
+    assert resumed_trainer.lr_scheduler_configs[0].scheduler.last_epoch == 32
+    for a, b in zip(resumed.net.state_dict().values(), straight.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -1,5 +1,6 @@
 """The one LightningModule: wraps any classifier net; knows nothing about which one."""
 
+import copy
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -154,6 +155,7 @@ class Classifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best_val_acc = checkpoint.get("best_val_acc")
+        carry_automatic_steps(checkpoint)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -178,3 +180,14 @@ class Classifier(L.LightningModule):
         per_epoch = min(trainer.num_training_batches * per_call, getattr(loader, "steps", len(loader)))
         total = per_epoch * trainer.max_epochs
         return min(total, trainer.max_steps) if trainer.max_steps > 0 else total
+
+
+def carry_automatic_steps(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written while Lightning still stepped the optimizer (before commit e2bf541) counts the steps in
+    its automatic loop's progress; move them to the manual loop's, where Lightning reads the global step from now,
+    so that a resumed run goes on counting (max_steps, step-named checkpoints) instead of starting again at 0."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = loop.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+    manual = loop.get("epoch_loop.manual_optimization.optim_step_progress")
+    if automatic and manual and manual["total"]["completed"] == 0 < automatic["total"]["completed"]:
+        loop["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(automatic)
