@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from digits.augment import Augment, gaussian_blur, random_low_res, resample
 from digits.data import shipped
@@ -125,8 +126,8 @@ def test_score_is_each_sets_accuracy_and_the_mean_of_the_corruptions():
 def test_training_with_the_degradations_beats_the_same_training_without_on_the_suite(make_cfg):
     """A short fixed-seed training of LeNet-5 on 10k images with `augment=digits` (shifts, low resolution, blur,
     faint ink) and with only its shifts, scored on degraded validation images (the suite's val split)."""
-    base = ("data.train_size=10000", "trainer.max_epochs=2", "logger=none", "callbacks.test_results.figures=false")
-    suite_on_val = ("callbacks.robustness.splits=[val]", "callbacks.robustness.size=2000")
+    base = ("data.train_size=10000", "trainer.max_epochs=2", "logger=none", "test=false")
+    suite_on_val = ("callbacks.robustness.size=2000",)
     plain = train(make_cfg(*base, *suite_on_val, "augment=shift"))
     trained = train(make_cfg(*base, *suite_on_val, "augment=digits"))
     before, after = plain["robustness"]["val"], trained["robustness"]["val"]
@@ -135,3 +136,21 @@ def test_training_with_the_degradations_beats_the_same_training_without_on_the_s
         assert after[name] > before[name], (name, before, after)
     assert trained["best_val_acc"] > plain["best_val_acc"] - 0.01  # the clean images barely pay for it
     json.dumps(trained)  # metrics.json holds the suite's numbers as plain floats
+
+
+def test_a_run_without_its_test_stage_scores_the_suite_on_validation_alone(make_cfg, tmp_path):
+    """`test=false`, for runs that choose a recipe: no test metrics, and the suite on the validation images gives
+    what the test stage gives for them from the same checkpoint."""
+    quick = ("debug=quick", "model=mlp", "callbacks.test_results.figures=false", "callbacks.robustness.size=300")
+    tested = train(make_cfg(*quick, "callbacks.robustness.splits=[val]", "logger=none"))
+    chosen_cfg = make_cfg(*quick, "test=false", "logger=csv")
+    with open_dict(chosen_cfg):
+        chosen_cfg.paths.output_dir = str(tmp_path / "chosen")
+    chosen = train(chosen_cfg)
+    assert not any(key.startswith("test") for key in chosen)
+    assert "test_acc" in tested
+    assert list(chosen["robustness"]) == ["val"]
+    assert chosen["robustness"]["val"] == tested["robustness"]["val"]
+    assert chosen["best_val_acc"] == tested["best_val_acc"]
+    logged = (tmp_path / "chosen" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val_robust/mean" in logged and not any(tag.startswith(("test/", "robust/")) for tag in logged)

@@ -252,6 +252,7 @@ def test_run_settings_ignore_where_the_data_lives(make_cfg, tmp_path):
         ("seed=-1", "seed=-1 is not allowed; expected an integer from 0 to 2**32 - 1"),
         ("seed=4294967296", "seed=4294967296 is not allowed"),
         ("seed=abc", "seed='abc' is not allowed"),
+        ("test=maybe", "test='maybe' is not allowed; expected true or false"),
         ("trainer.devices=64", "trainer.devices=64 is not allowed; expected 'auto' or 1 to"),
         ("trainer.devices=[0,5000]", "trainer.devices=[0, 5000] is not allowed"),
         ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0 is not allowed; expected it unset or 0"),

@@ -166,15 +166,21 @@ class Robustness(L.Callback):
         self.results: dict[str, dict[str, float]] = {}
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name, accuracy in self.measure(trainer, pl_module, self.splits).items():
+            pl_module.log(name, accuracy)
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, splits: tuple[str, ...]) -> dict[str, float]:
+        """Score the suite built from each split's images into `results`; returns them by their logged names."""
         dm = trainer.datamodule
         fonts = (dm.frame_box, dm.frame_by_mass) if self.fonts and is_digits(dm.class_names) else None
-        for split in self.splits:
+        logged = {}
+        for split in splits:
             images, labels = (t.to(pl_module.device) for t in dm.tensors(split))
             sets = suite(images, labels, dm.mean, dm.std, self.size, fonts)
             self.results[split] = score(pl_module, sets, dm.eval_batch_size)
             prefix = "robust" if split == "test" else "val_robust"
-            for name, accuracy in self.results[split].items():
-                pl_module.log(f"{prefix}/{name}", accuracy)
+            logged |= {f"{prefix}/{name}": accuracy for name, accuracy in self.results[split].items()}
+        return logged
 
 
 TAGS = {"confusion": "test/confusion_matrix", "misclassified": "test/misclassified"}

@@ -61,7 +61,7 @@ NAME_TAGS = {  # how a key shows in a run's name
     "model.hidden_size": "h", "model.kernel_size": "k", "data.batch_size": "bs",
     "optimizer.weight_decay": "wd", "trainer.max_epochs": "ep", "seed": "seed",
 }  # fmt: skip
-NAMELESS = ("optuna.", "hydra.", "paths.", "ckpt_path", "logger", "callbacks", "debug", "hparams_search")
+NAMELESS = ("optuna.", "hydra.", "paths.", "ckpt_path", "test", "logger", "callbacks", "debug", "hparams_search")
 
 
 def name_part(key: str, value: Any) -> str:
@@ -290,6 +290,7 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
 def check_run(cfg: DictConfig) -> None:
     """Values Lightning and torch would refuse with a traceback, hang on, or accept into an untrained run."""
     require(is_int(cfg.seed) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer from 0 to 2**32 - 1")
+    require(isinstance(cfg.get("test", True), bool), "test", cfg.get("test"), "true or false")
     epochs = cfg.trainer.get("max_epochs")
     require(is_int(epochs) and epochs >= 1, "trainer.max_epochs", epochs, "an integer ≥ 1")
     lr = cfg.optimizer.get("lr")

@@ -47,6 +47,8 @@ def find_runs(root: Path) -> list[Path]:
             continue
         try:
             metrics = json.loads((run / "metrics.json").read_text())
+            if "best_val_acc" in metrics and "test_acc" not in metrics:
+                continue  # a run that chose on validation (test=false): nothing here to report on test
             missing = [k for k in METRICS if k not in metrics]
             if missing:
                 raise ValueError(f"no {', '.join(missing)}")

@@ -172,12 +172,9 @@ def train(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
 
     timer = next(cb for cb in trainer.callbacks if isinstance(cb, EpochTimer))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)[0]
-    metrics = {
-        "test_acc": tested["test/acc"],
-        "test_error_pct": 100 * (1 - tested["test/acc"]),
-        "test_loss": tested["test/loss"],
-        "test_mse": tested["test/mse"],
+    robustness = next((cb for cb in trainer.callbacks if isinstance(cb, Robustness)), None)
+    metrics = test(trainer, module, datamodule, best) if cfg.test else skip_test(trainer, module, best, robustness)
+    metrics |= {
         "best_val_acc": module.best_val_acc if module.best_val_acc is not None else float("nan"),
         "params": module.num_parameters,
         "epochs": trainer.current_epoch,
@@ -192,9 +189,8 @@ def train(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
         "model": type(module.net).__name__,
         "best_checkpoint": best,
     }
-    robustness = next((cb.results for cb in trainer.callbacks if isinstance(cb, Robustness)), None)
-    if robustness:
-        metrics["robustness"] = robustness
+    if robustness and robustness.results:
+        metrics["robustness"] = robustness.results
     if trainer.is_global_zero:
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
         hparams = hyperparameters(cfg, choices, module.num_parameters)
@@ -209,6 +205,31 @@ def train(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
     return metrics
 
 
+def test(trainer: L.Trainer, module: Classifier, datamodule: L.LightningDataModule, best: str) -> dict[str, float]:
+    """The test stage on the best-validation checkpoint (the last weights without one): the test set, read once."""
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)[0]
+    return {
+        "test_acc": tested["test/acc"],
+        "test_error_pct": 100 * (1 - tested["test/acc"]),
+        "test_loss": tested["test/loss"],
+        "test_mse": tested["test/mse"],
+    }
+
+
+def skip_test(trainer: L.Trainer, module: Classifier, best: str, robustness: Robustness | None) -> dict[str, Any]:
+    """`test=false`: no test image is read; the robustness suite, if on, scores the best checkpoint on the
+    validation images, logged at the step the test stage would have used."""
+    if robustness is not None:
+        if best:
+            module.load_state_dict(torch.load(best, map_location=module.device, weights_only=True)["state_dict"])
+        module.eval()
+        with torch.no_grad():  # in full precision, as the test stage's epoch-end hook runs it
+            logged = robustness.measure(trainer, module, ("val",))
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.current_epoch)
+    return {}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -220,8 +241,14 @@ def summary(m: dict[str, Any], run_dir: str) -> str:
         [
             f"{m['data']} · {m['model']} ({m['params']:,} params) · {m['epochs']} epochs",
             f"  device         {m['device']}, {m['precision']}",
-            f"  test accuracy  {100 * m['test_acc']:.2f} %   (error {m['test_error_pct']:.2f} %)",
-            f"  test loss      {m['test_loss']:.4f}   MSE {m['test_mse']:.5f}",
+            *(
+                [
+                    f"  test accuracy  {100 * m['test_acc']:.2f} %   (error {m['test_error_pct']:.2f} %)",
+                    f"  test loss      {m['test_loss']:.4f}   MSE {m['test_mse']:.5f}",
+                ]
+                if "test_acc" in m
+                else ["  test           not run (test=false)"]
+            ),
             f"  best val acc   {100 * m['best_val_acc']:.2f} %",
             *(
                 f"  robustness     {100 * r['mean']:.2f} % degraded {split} images"
