@@ -57,6 +57,14 @@ def test_contrast_and_elastic_keep_the_background_and_stay_near_the_ink():
     assert (bent[:, 0, 0, 0] == -1).all()
 
 
+def test_degrade_leaves_the_other_images_sharp_and_at_full_contrast():
+    images = dots(2000)
+    for degrade, untouched_share in ((1.0, 0.0), (0.5, 0.25)):  # blur and contrast each skip 1 - degrade of them
+        out = Augment(blur=1.5, contrast=0.7, degrade=degrade, fill=-1.0)(images, torch.Generator().manual_seed(0))
+        untouched = (out - images).abs().flatten(1).amax(1) < 1e-5
+        assert untouched.float().mean().item() == pytest.approx(untouched_share, abs=0.04), degrade
+
+
 def test_augmentations_refuse_values_out_of_range_naming_them(make_cfg):
     from digits.errors import DigitsError
 
@@ -65,6 +73,7 @@ def test_augmentations_refuse_values_out_of_range_naming_them(make_cfg):
         ("blur", 5, "sigma of 3"),
         ("contrast", 1.0, "not including, 1"),
         ("elastic", -1, "4 pixels"),
+        ("degrade", 0, r"share of the images in \(0, 1\]"),
     ):
         with pytest.raises(DigitsError, match=f"{key}={value!r} is not allowed.*{allowed}"):
             Augment(**{key: value})

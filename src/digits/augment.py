@@ -28,6 +28,7 @@ class Augment:
         low_res: int = 0,
         blur: float = 0.0,
         contrast: float = 0.0,
+        degrade: float = 1.0,
         fill: float = 0.0,
     ) -> None:
         require(isinstance(translate, int) and 0 <= translate <= 8, "translate", translate, "0 (off) to 8 pixels")
@@ -39,9 +40,10 @@ class Augment:
         require(ok_res, "low_res", low_res, "0 (off), or the smallest side to shrink to, 4 to 27 pixels")
         require(is_number(blur) and 0 <= blur <= 3, "blur", blur, "0 (off) to a Gaussian sigma of 3 pixels")
         require(is_number(contrast) and 0 <= contrast < 1, "contrast", contrast, "0 (off) up to, not including, 1")
+        require(is_number(degrade) and 0 < degrade <= 1, "degrade", degrade, "a share of the images in (0, 1]")
         self.translate, self.rotate, self.zoom, self.elastic = translate, float(rotate), float(zoom), float(elastic)
         self.flip, self.low_res, self.blur, self.contrast = flip, low_res, float(blur), float(contrast)
-        self.fill = fill
+        self.degrade, self.fill = float(degrade), fill
 
     def __bool__(self) -> bool:
         return self.flip or self._on_ink()
@@ -62,10 +64,19 @@ class Augment:
         if self.low_res:
             ink = random_low_res(ink, self.low_res, generator)
         if self.blur:
-            ink = gaussian_blur(ink, uniform(len(ink), 0.0, self.blur, ink.device, generator))
+            sigma = self._some(uniform(len(ink), 0.0, self.blur, ink.device, generator), 0.0, generator)
+            ink = gaussian_blur(ink, sigma)
         if self.contrast:
-            ink = ink * uniform(len(ink), 1 - self.contrast, 1.0, ink.device, generator)[:, None, None, None]
+            scale = self._some(uniform(len(ink), 1 - self.contrast, 1.0, ink.device, generator), 1.0, generator)
+            ink = ink * scale[:, None, None, None]
         return ink + self.fill
+
+    def _some(self, drawn: torch.Tensor, untouched: float, generator: torch.Generator) -> torch.Tensor:
+        """Each image's draw with probability `degrade`, else the value that leaves it as it is."""
+        if self.degrade == 1:
+            return drawn
+        chosen = torch.rand(len(drawn), device=drawn.device, generator=generator) < self.degrade
+        return torch.where(chosen, drawn, untouched)
 
 
 def uniform(n: int, low: float, high: float, device: torch.device, generator: torch.Generator) -> torch.Tensor:
