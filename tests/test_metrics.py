@@ -2,6 +2,7 @@
 batches; the benchmark's hand-written loop trains exactly as the framework does."""
 
 from functools import partial
+from typing import Any
 
 import lightning as L
 import pytest
@@ -94,32 +95,34 @@ def test_the_raw_loop_and_the_framework_reach_the_same_weights_and_loss(batches,
         )
 
 
-def test_several_steps_per_call_train_exactly_as_one(batches):
-    """A training batch holding several steps' batches (`digits.data.Steps`) gives the same steps in the same
-    order: the same weights, train metrics and per-step schedule as one step per batch."""
+def fit_mlp(
+    batches: DataLoader, steps_per_call: int, ckpt_path: str | None = None, **trainer_args: Any
+) -> tuple[Classifier, L.Trainer]:
+    """A small MLP trained for 2 epochs with Adam and a per-step OneCycle on the device loader, `steps_per_call`
+    batches of 64 a call; returns the module and its trainer."""
     from digits.data import DeviceLoader, EpochSampler
 
     images, labels = batches.dataset.tensors
+    torch.manual_seed(0)
+    module = Classifier(
+        MLP(hidden_size=32),
+        optimizer=partial(torch.optim.Adam, lr=1e-3),
+        scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
+        scheduler_interval="step",
+    )
+    loader = DeviceLoader(images, labels, 64, EpochSampler(len(labels), True, seed=1), steps_per_call=steps_per_call)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, **trainer_args,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return module, trainer
 
-    def fit(steps_per_call: int, max_steps: int = -1) -> tuple[Classifier, L.Trainer]:
-        torch.manual_seed(0)
-        module = Classifier(
-            MLP(hidden_size=32),
-            optimizer=partial(torch.optim.Adam, lr=1e-3),
-            scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
-            scheduler_interval="step",
-        )
-        loader = DeviceLoader(
-            images, labels, 64, EpochSampler(len(labels), True, seed=1), steps_per_call=steps_per_call
-        )
-        trainer = L.Trainer(
-            accelerator="cpu", max_epochs=2, max_steps=max_steps, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        )  # fmt: skip
-        trainer.fit(module, train_dataloaders=loader)
-        return module, trainer
 
-    (one, one_trainer), (five, five_trainer) = fit(1), fit(5)
+def test_several_steps_per_call_train_exactly_as_one(batches):
+    """A training batch holding several steps' batches (`digits.data.Steps`) gives the same steps in the same
+    order: the same weights, train metrics and per-step schedule as one step per batch."""
+    (one, one_trainer), (five, five_trainer) = fit_mlp(batches, 1), fit_mlp(batches, 5)
     steps = 2 * 16  # 1000 images in batches of 64, two epochs
     assert one_trainer.global_step == five_trainer.global_step == steps
     assert five_trainer.num_training_batches == 4  # 16 batches a call of up to 5
@@ -130,38 +133,19 @@ def test_several_steps_per_call_train_exactly_as_one(batches):
         assert torch.equal(a, b)
     for name in ("train/loss", "train/acc"):
         assert one_trainer.callback_metrics[name].item() == five_trainer.callback_metrics[name].item()
-    _, stopped = fit(5, max_steps=7)  # mid-call: the schedule is 7 steps long and ends there, not at 10
+    _, stopped = fit_mlp(batches, 5, max_steps=7)  # mid-call: the schedule is 7 steps long and ends there, not at 10
     assert stopped.global_step == 7 and stopped.lr_scheduler_configs[0].scheduler.last_epoch == 7
 
 
 def test_a_checkpoint_from_automatic_optimization_resumes_its_step_count(batches, tmp_path):
     """Checkpoints written before the Classifier stepped the optimizer itself keep the step count where Lightning's
     automatic optimization does; a resume from one goes on from it and trains as a straight run would."""
-    from digits.data import DeviceLoader, EpochSampler
-
-    images, labels = batches.dataset.tensors
 
     class StopAfterOneEpoch(L.Callback):
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             trainer.should_stop = True
 
-    def fit(ckpt_path: str | None = None, interrupt: bool = False) -> tuple[Classifier, L.Trainer]:
-        torch.manual_seed(0)
-        module = Classifier(
-            MLP(hidden_size=32),
-            optimizer=partial(torch.optim.Adam, lr=1e-3),
-            scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01),
-            scheduler_interval="step",
-        )
-        loader = DeviceLoader(images, labels, 64, EpochSampler(len(labels), True, seed=1), steps_per_call=5)
-        trainer = L.Trainer(
-            accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_val_batches=0, callbacks=[StopAfterOneEpoch()] if interrupt else [],
-        )  # fmt: skip
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
-        return module, trainer
-
-    _, first = fit(interrupt=True)
+    _, first = fit_mlp(batches, 5, callbacks=[StopAfterOneEpoch()])
     first.save_checkpoint(tmp_path / "new.ckpt")
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
     loop = checkpoint["loops"]["fit_loop"]
@@ -174,8 +158,8 @@ def test_a_checkpoint_from_automatic_optimization_resumes_its_step_count(batches
         tracker.update(ready=0, completed=0)
     torch.save(checkpoint, tmp_path / "old.ckpt")
 
-    resumed, resumed_trainer = fit(str(tmp_path / "old.ckpt"))
-    straight, straight_trainer = fit()
+    resumed, resumed_trainer = fit_mlp(batches, 5, str(tmp_path / "old.ckpt"))
+    straight, straight_trainer = fit_mlp(batches, 5)
     assert resumed_trainer.global_step == straight_trainer.global_step == 32
     assert resumed_trainer.lr_scheduler_configs[0].scheduler.last_epoch == 32
     for a, b in zip(resumed.net.state_dict().values(), straight.net.state_dict().values(), strict=True):
