@@ -153,3 +153,23 @@ def test_runs_starting_at_once_on_a_fresh_data_dir_each_read_whole_files(tmp_pat
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], [err[-600:] for _, err in outputs]
     assert [out.split() for out, _ in outputs] == [["55000", "10000"]] * 3
+
+
+@pytest.mark.parametrize("limit", [{"limit_train_batches": 3}, {"fast_dev_run": True}])
+def test_a_count_of_training_batches_counts_optimizer_steps(data_dir, limit):
+    """Lightning counts the calls to training_step; where a run limits them by number, each call is one batch."""
+    from functools import partial
+
+    import lightning as L
+
+    from digits.models import MLP
+    from digits.module import Classifier
+
+    datamodule = shipped("mnist", data_dir=data_dir, train_size=2000, val_size=500, steps_per_call=8)
+    module = Classifier(MLP(hidden_size=16), optimizer=partial(torch.optim.Adam, lr=1e-3))
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, **limit,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == (3 if "limit_train_batches" in limit else 1)  # of 16 batches in the epoch

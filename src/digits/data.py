@@ -325,8 +325,10 @@ class DigitsDataModule(L.LightningDataModule):
         sampler = EpochSampler(len(data[1]), shuffle, self.seed, rank, world, even=shuffle)
         if split != "train":
             return DeviceLoader(*data, batch_size, sampler)
-        # DDP synchronises gradients once per forward of the wrapped module: one step per call there
-        steps = self.steps_per_call if world == 1 else 1
+        # one step per call where Lightning's counts must mean batches: DDP synchronises gradients once per
+        # forward of the wrapped module, and limit_train_batches=N (fast_dev_run too) counts calls
+        counted = self.trainer is not None and is_int(self.trainer.limit_train_batches)
+        steps = 1 if world > 1 or counted else self.steps_per_call
         return DeviceLoader(*data, batch_size, sampler, self.augment, steps)
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
