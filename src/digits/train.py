@@ -173,7 +173,7 @@ def train(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
     timer = next(cb for cb in trainer.callbacks if isinstance(cb, EpochTimer))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     robustness = next((cb for cb in trainer.callbacks if isinstance(cb, Robustness)), None)
-    metrics = test(trainer, module, datamodule, best) if cfg.test else skip_test(trainer, module, best, robustness)
+    metrics = run_test(trainer, module, datamodule, best) if cfg.test else skip_test(trainer, module, best, robustness)
     metrics |= {
         "best_val_acc": module.best_val_acc if module.best_val_acc is not None else float("nan"),
         "params": module.num_parameters,
@@ -205,7 +205,7 @@ def train(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
     return metrics
 
 
-def test(trainer: L.Trainer, module: Classifier, datamodule: L.LightningDataModule, best: str) -> dict[str, float]:
+def run_test(trainer: L.Trainer, module: Classifier, datamodule: L.LightningDataModule, best: str) -> dict[str, float]:
     """The test stage on the best-validation checkpoint (the last weights without one): the test set, read once."""
     tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)[0]
     return {
