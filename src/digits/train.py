@@ -221,7 +221,7 @@ def skip_test(trainer: L.Trainer, module: Classifier, best: str, robustness: Rob
     validation images, logged at the step the test stage would have used."""
     if robustness is not None:
         if best:
-            module.load_state_dict(torch.load(best, map_location=module.device, weights_only=True)["state_dict"])
+            module.load_state_dict(load_checkpoint(best)["state_dict"])
         module.eval()
         with torch.no_grad():  # in full precision, as the test stage's epoch-end hook runs it
             logged = robustness.measure(trainer, module, ("val",))
