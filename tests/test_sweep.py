@@ -80,6 +80,7 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
         assert trial.user_attrs["test_acc"] == json.loads((run_dir / "metrics.json").read_text())["test_acc"]
         assert trial.user_attrs["model"] == "mlp" and trial.user_attrs["trainer.max_epochs"] == 1
         assert "model.hidden_size" not in trial.user_attrs  # searched: a param, not a fixed setting
+        assert "model.channels" not in trial.user_attrs  # an MLP has no channels: no setting
     assert study.metric_names == ["val/acc_best"]
     assert study.trials[0].distributions["data.batch_size"].choices == (32, 64, 128, 256, 512)  # numbers, in order
     summary = results(log_dir)

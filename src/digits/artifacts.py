@@ -1,6 +1,7 @@
 """What a run leaves behind and what reads it back: checkpoints (loaded without running any code in them),
 JSON files written atomically, and the versions of the packages a run used."""
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -66,6 +67,11 @@ def check_weights(path: str | Path, checkpoint: dict[str, Any], state: dict[str,
 
 
 def package_versions() -> dict[str, str]:
+    return dict(_installed_versions())
+
+
+@functools.cache  # the metadata scan takes milliseconds a package, and a sweep's trials share the process
+def _installed_versions() -> tuple[tuple[str, str], ...]:
     names = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "optuna", "numpy")
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for name in names:
@@ -73,7 +79,7 @@ def package_versions() -> dict[str, str]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
-    return versions
+    return tuple(versions.items())
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

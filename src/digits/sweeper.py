@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from digits.errors import JobsRefusedError
-from digits.hparams import TRIAL, hyperparameters
+from digits.hparams import ABSENT, TRIAL, hyperparameters
 from digits.trials import JOURNAL_PREFIX, PRUNER_ATTR, open_storage
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,8 @@ def job_attributes(ret: JobReturn, searched: dict[str, Any]) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, KeyError):  # none for a trial failed or pruned before its test
         attrs["test_acc"] = json.loads((run / "metrics.json").read_text())["test_acc"]
     fixed = hyperparameters(ret.cfg, ret.hydra_cfg.hydra.runtime.choices)
-    return attrs | {k: v for k, v in fixed.items() if k not in searched and k != TRIAL}
+    # a key the model or optimizer does not take is no setting; each attribute costs the storage a commit
+    return attrs | {k: v for k, v in fixed.items() if k not in searched and k != TRIAL and v != ABSENT}
 
 
 def trial_line(started: FrozenTrial, trial: optuna.Trial, outcome: str) -> str:
