@@ -7,7 +7,9 @@ Prints Markdown tables and writes JSON. Start-up, data preparation and compile t
 own rows, never folded into training time. The torch DataLoader rows are the data path's baseline: the
 ratio column divides the device loader's samples/s by theirs, same model, same batch size. The framework's
 baseline is a hand-written PyTorch loop (`digits.baseline`), run interleaved with the framework inside one
-fit: digits/raw per step (median and IQR over blocks of at least 20 steps) and per epoch.
+fit: digits/raw per step (median and IQR over blocks of at least 20 steps) and per epoch. Where the device
+computes bf16 (a GPU, or a CPU with `cpu_has_fast_bf16`), the same loop times each preset's net in bf16 autocast
+against fp32, the measurement behind the default trainer's choice of precision.
 """
 
 import argparse
@@ -27,7 +29,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from digits.config import CONF_DIR, auto_precision
+from digits.baseline import RawLoop
+from digits.config import CONF_DIR, auto_precision, build, cpu_has_fast_bf16
 from digits.data import shipped
 from digits.train import train
 
@@ -108,6 +111,34 @@ def raw_loop_ratio(args: argparse.Namespace, out: Path, model: str) -> dict:
     return row
 
 
+PRECISION_PRESETS = "mlp_8,mlp_64_64,mlp_300,mlp_512_256,mlp_500_300,lenet5,lab_cnn,mnist_fast"
+
+
+def precision_ratio(args: argparse.Namespace, out: Path, preset: str, blocks: int = 12, steps: int = 30) -> dict:
+    """bf16 autocast against fp32 on `preset`'s net, optimizer and batch size: the hand-written loop in alternating
+    blocks of `steps`, one process. What the default trainer's precision choice rests on."""
+    cfg = config(args.device, out, f"experiment={preset}")
+    images, labels = shipped("mnist", data_dir=cfg.paths.data_dir).load_tensors(train=True, device=args.device)
+    net = build(cfg.model, "model")
+    loops = {
+        dtype: RawLoop(net, build(cfg.optimizer, "optimizer"), images, labels, cfg.data.batch_size, autocast=dtype)
+        for dtype in (None, torch.bfloat16)
+    }
+    seconds: dict = {dtype: [] for dtype in loops}
+    for loop in loops.values():
+        loop.run(steps).item()  # warm-up; .item() waits for the device
+    for _ in range(blocks):
+        for dtype, loop in loops.items():
+            start = time.perf_counter()
+            loop.run(steps).item()
+            seconds[dtype].append((time.perf_counter() - start) / steps)
+    fp32, bf16 = (sorted(seconds[d])[blocks // 2] for d in loops)
+    row = {"preset": preset, "batch": cfg.data.batch_size, "fp32_step_s": fp32, "bf16_step_s": bf16}
+    row["auto"] = auto_precision(args.device, cfg.model._target_)
+    print(f"{preset:12s} bf16/fp32 per step {bf16 / fp32:.2f}")
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +151,7 @@ def main() -> None:
     parser.add_argument("--no-fast", action="store_true", help="skip the time-to-99% run of experiment=mnist_fast")
     parser.add_argument("--no-sweep", action="store_true", help="skip the per-trial overhead of a tiny sweep")
     parser.add_argument("--no-raw", action="store_true", help="skip the comparison with a hand-written loop")
+    parser.add_argument("--precisions", default=PRECISION_PRESETS, help="presets timed in bf16 against fp32; '' skips")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[1] / "logs" / "benchmark.json")
     args = parser.parse_args()
 
@@ -171,6 +203,10 @@ def main() -> None:
 
     raw_rows = [] if args.no_raw else [raw_loop_ratio(args, out, model) for model in args.models.split(",")]
 
+    bf16_here = args.device == "cuda" or cpu_has_fast_bf16()
+    presets = [p for p in args.precisions.split(",") if p] if bf16_here else []
+    precision_rows = [precision_ratio(args, out, preset) for preset in presets]
+
     baseline = {r["model"]: r["samples_per_s"] for r in rows if r["loader"] == "torch"}
     for r in rows:
         r["vs_torch_loader"] = r["samples_per_s"] / baseline[r["model"]] if r["model"] in baseline else None
@@ -211,6 +247,15 @@ def main() -> None:
                 f"| {r['model']} | {1000 * r['raw_step_s']:.2f} | {r['step_ratio_median']:.2f} ({low:.2f}-{high:.2f}) "
                 f"| {r['epoch_ratio']:.2f} |"
             )
+    if precision_rows:
+        print("\n### bf16 autocast against fp32 (the hand-written loop, alternating blocks)\n")
+        print("| preset | batch | fp32 step ms | bf16 step ms | bf16 / fp32 | default trainer picks |")
+        print("|---|---:|---:|---:|---:|---|")
+        for r in precision_rows:
+            print(
+                f"| {r['preset']} | {r['batch']} | {1000 * r['fp32_step_s']:.2f} | {1000 * r['bf16_step_s']:.2f} "
+                f"| {r['bf16_step_s'] / r['fp32_step_s']:.2f} | {r['auto']} |"
+            )
     print("\n| overhead | seconds |\n|---|---:|")
     for name, seconds in overheads.items():
         print(f"| {name} | {seconds:.2f} |")
@@ -221,8 +266,16 @@ def main() -> None:
             ratio = r["train_seconds"] / fast[0]["train_seconds"]
             print(f"| {r['precision']} | {100 * r['test_acc']:.2f} | {r['train_seconds']:.2f} | {ratio:.2f} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine, "device": args.device, "rows": rows, "raw_loop": raw_rows, "overheads_s": overheads}
-    args.json.write_text(json.dumps(results | {"fast": fast}, indent=2))
+    results = {
+        "machine": machine,
+        "device": args.device,
+        "rows": rows,
+        "raw_loop": raw_rows,
+        "precision": precision_rows,
+        "overheads_s": overheads,
+        "fast": fast,
+    }
+    args.json.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
 
 

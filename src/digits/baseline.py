@@ -31,8 +31,10 @@ class RawLoop:
         labels: torch.Tensor,
         batch_size: int,
         seed: int = 0,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.net = copy.deepcopy(net).train()
+        self.autocast = autocast  # e.g. torch.bfloat16: the forward under autocast, as precision=bf16-mixed runs it
         # the framework runs conv nets channels-last (digits.module): so does the yardstick, or it would be slower
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
         if self.channels_last:
@@ -53,7 +55,8 @@ class RawLoop:
         x, y = batch if batch is not None else next(self.batches)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(self.net(x), y)
+        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = F.cross_entropy(self.net(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
