@@ -1,6 +1,7 @@
 """The config glue's pure logic, fast: option checks that know a user's config dirs, run names, datasets."""
 
 import pytest
+from hydra.utils import instantiate
 
 from digits.config import check_choices, override_args, run_settings
 from digits.data import shipped
@@ -67,3 +68,19 @@ def test_shipped_datasets_carry_their_statistics_and_framing():
     assert (mnist.name, mnist.mean, mnist.frame_box, mnist.frame_by_mass) == ("MNIST", 0.1307, 20, True)
     assert (fashion.name, fashion.std, fashion.frame_box, fashion.frame_by_mass) == ("FashionMNIST", 0.353, 28, False)
     assert fashion.class_names[0] == "T-shirt/top" and fashion.batch_size == mnist.batch_size == 128
+
+
+def _augmentation(make_cfg, *overrides: str) -> dict:
+    augment = instantiate(make_cfg(*overrides).data).augment
+    return {k: getattr(augment, k) for k in ("translate", "low_res", "blur", "contrast", "degrade", "flip")}
+
+
+def test_each_dataset_brings_its_own_augmentation_and_an_augment_option_replaces_it_whole(make_cfg):
+    digits_half = {"translate": 2, "low_res": 8, "blur": 1.5, "contrast": 0.7, "degrade": 0.5, "flip": False}
+    shifts = {"translate": 2, "low_res": 0, "blur": 0.0, "contrast": 0.0, "degrade": 1.0, "flip": False}
+    assert _augmentation(make_cfg) == _augmentation(make_cfg, "augment=digits_half") == digits_half
+    assert _augmentation(make_cfg, "data=fashion") == _augmentation(make_cfg, "augment=shift") == shifts
+    assert _augmentation(make_cfg, "data=fashion", "augment=digits") == digits_half | {"degrade": 1.0}
+    assert _augmentation(make_cfg, "experiment=lenet5", "data=fashion") == shifts
+    # the lab CNNs keep the recipe they were measured with: shifts, plus lab_cnn's blur
+    assert _augmentation(make_cfg, "experiment=lab_cnn") == shifts | {"blur": 1.5}

@@ -40,6 +40,7 @@ def test_seed_architecture_parameter_counts(make_cfg, experiment, params):
 # every preset with its trainable parameters (the labs' counts where labs.md gives one) and its dataset
 PRESETS = {
     "bn_cnn": (900_746, "FashionMNIST"),
+    "cnn_recipe": (44_426, "MNIST"),
     "elu_cnn": (329_962, "MNIST"),
     "fashion_best": (330_858, "FashionMNIST"),
     "keras_cnn": (1_199_882, "MNIST"),

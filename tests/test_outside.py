@@ -114,7 +114,7 @@ def workdir(tmp_path_factory, data_dir) -> Path:
         (
             "experiment",
             "mine",
-            # the bars' row is their class: no shifts (the default augment=shift would move them)
+            # the bars' row is their class: no shifts (the default augment=digits_half would move them)
             "# @package _global_\ndefaults:\n  - override /model: tiny\n  - override /data: bars\n"
             "  - override /augment: none\n\ntrainer:\n  max_epochs: 3\n",
         ),

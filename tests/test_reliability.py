@@ -112,6 +112,7 @@ def test_ddp_with_two_cpu_processes(tmp_path, data_dir):
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "model=mlp",
+        "augment=shift",  # the floor below is for two epochs of DDP, not for learning MNIST's degradations
         "data.train_size=8000",
         "data.val_size=1000",
         "trainer.max_epochs=2",

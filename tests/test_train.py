@@ -24,7 +24,9 @@ def test_fast_dev_run_every_model_and_dataset(make_cfg, model, data):
 
 def test_torch_dataloader_path_trains(make_cfg):
     augmented = ("data.translate=2", "data.rotate=10", "data.zoom=0.1")
-    metrics = train(make_cfg("model=mlp", "data.loader=torch", "debug=quick", "logger=none", *augmented))
+    metrics = train(
+        make_cfg("model=mlp", "augment=shift", "data.loader=torch", "debug=quick", "logger=none", *augmented)
+    )
     assert metrics["test_acc"] > 0.7 and metrics["train_size"] == 2000  # untrained: 0.1
 
 

@@ -179,7 +179,8 @@ class DigitsDataModule(L.LightningDataModule):
         self.augment = Augment(**augment, fill=-self.mean / self.std)
         for key in Augment.DEVICE_ONLY:
             value = getattr(self.augment, key)
-            require(loader == "device" or not value, key, value, "0 with loader=torch (it runs on the device loader)")
+            allowed = "0 with loader=torch (it runs on the device loader; augment=shift or none go with either)"
+            require(loader == "device" or not value, key, value, allowed)
         self.train_pool = train_pool
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -353,14 +354,15 @@ class DigitsDataModule(L.LightningDataModule):
 
 
 def shipped(name: str, **kwargs: Any) -> DigitsDataModule:
-    """A dataset as its config in `digits/conf/data/<name>.yaml` describes it, with `kwargs` set."""
+    """A dataset as its config in `digits/conf/data/<name>.yaml` describes it, with `kwargs` set, and no
+    training augmentation (the one its defaults list takes from `augment/` is left out)."""
     from omegaconf import OmegaConf
 
     from digits.config import CONF_DIR, build
 
-    def load(name: str) -> Any:  # the file and the files its defaults list names, as Hydra merges them
+    def load(name: str) -> Any:  # the file and the data files its defaults list names, as Hydra merges them
         node = OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml")
-        parents = [d for d in node.pop("defaults", []) if d != "_self_"]
+        parents = [d for d in node.pop("defaults", []) if d != "_self_" and not d.startswith("/")]
         return OmegaConf.merge(*(load(parent) for parent in parents), node)
 
     return build(load(name), "data", **{"data_dir": "data", "seed": 0, **kwargs})
