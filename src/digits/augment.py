@@ -6,6 +6,7 @@ warp), then the ways a picture of a digit loses quality outside MNIST: low resol
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,15 @@ def random_low_res(ink: torch.Tensor, smallest: int, generator: torch.Generator)
     up: the soft strokes of a low-resolution scan."""
     side = int(torch.randint(smallest, ink.shape[-1], (1,), device=ink.device, generator=generator))
     chosen = torch.rand(len(ink), device=ink.device, generator=generator) < 0.5
-    return torch.where(chosen[:, None, None, None], resample(ink, side), ink)
+    return on_some(ink, chosen, lambda some: resample(some, side))
+
+
+def on_some(ink: torch.Tensor, chosen: torch.Tensor, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The `chosen` images changed by `change`, the others as they are: `change` runs on the chosen alone, which
+    on a CPU costs a fraction of running it on all and picking with torch.where."""
+    out = ink.clone()
+    out[chosen] = change(ink[chosen])
+    return out
 
 
 def resample(ink: torch.Tensor, side: int) -> torch.Tensor:
@@ -138,7 +147,10 @@ def resample(ink: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def gaussian_blur(ink: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Each image blurred by a Gaussian of its own sigma in pixels (0 leaves it as it is)."""
+    """Each image blurred by a Gaussian of its own sigma in pixels (0 leaves it as it is, and costs nothing)."""
+    blurred = sigma > 0
+    if not blurred.all():
+        return on_some(ink, blurred, lambda some: gaussian_blur(some, sigma[blurred])) if blurred.any() else ink
     n, _, h, w = ink.shape
     radius = max(1, math.ceil(3 * float(sigma.max())))
     offsets = torch.arange(-radius, radius + 1, device=ink.device, dtype=ink.dtype)
