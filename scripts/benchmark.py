@@ -114,11 +114,14 @@ def raw_loop_ratio(args: argparse.Namespace, out: Path, model: str) -> dict:
 PRECISION_PRESETS = "mlp_8,mlp_64_64,mlp_300,mlp_512_256,mlp_500_300,lenet5,lab_cnn,mnist_fast"
 
 
-def precision_ratio(args: argparse.Namespace, out: Path, preset: str, blocks: int = 12, steps: int = 30) -> dict:
-    """bf16 autocast against fp32 on `preset`'s net, optimizer and batch size: the hand-written loop in alternating
-    blocks of `steps`, one process. What the default trainer's precision choice rests on."""
+def precision_ratio(
+    args: argparse.Namespace, out: Path, preset: str, tensors: tuple, blocks: int = 12, steps: int = 30
+) -> dict:
+    """bf16 autocast against fp32 on `preset`'s net, optimizer and batch size over the training `tensors` (images,
+    labels): the hand-written loop in alternating blocks of `steps`, one process. What the default trainer's
+    precision choice rests on."""
     cfg = config(args.device, out, f"experiment={preset}")
-    images, labels = shipped("mnist", data_dir=cfg.paths.data_dir).load_tensors(train=True, device=args.device)
+    images, labels = tensors
     net = build(cfg.model, "model")
     loops = {
         dtype: RawLoop(net, build(cfg.optimizer, "optimizer"), images, labels, cfg.data.batch_size, autocast=dtype)
@@ -205,7 +208,8 @@ def main() -> None:
 
     bf16_here = args.device == "cuda" or cpu_has_fast_bf16()
     presets = [p for p in args.precisions.split(",") if p] if bf16_here else []
-    precision_rows = [precision_ratio(args, out, preset) for preset in presets]
+    mnist = shipped("mnist", data_dir=data_dir).load_tensors(train=True, device=args.device) if presets else ()
+    precision_rows = [precision_ratio(args, out, preset, mnist) for preset in presets]
 
     baseline = {r["model"]: r["samples_per_s"] for r in rows if r["loader"] == "torch"}
     for r in rows:
