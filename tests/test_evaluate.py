@@ -1,6 +1,7 @@
 """eval.py and predict.py on a real short-trained checkpoint."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from PIL import Image
 
 from conftest import ROOT, assert_real_png, read_events, run_train
 from digits.data import shipped
-from digits.images import frame
+from digits.images import MAX_BYTES, frame
 from digits.robustness import CORRUPTIONS
 
 
@@ -201,7 +202,11 @@ def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_pat
     blank.save(tmp_path / "blank.png")
     Image.new("L", (1, 1), 0).save(tmp_path / "dot.png")
     Image.new("1", (12000, 12000), 1).save(tmp_path / "bomb.png")  # 144 MP of white, a few hundred KB
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(MAX_BYTES + 1)  # sparse: no disk used, but read whole it would be
+    os.mkfifo(tmp_path / "fifo.png")  # reading it would wait for a writer that never comes
     names = ["sixteen.png", "palette.png", "anim.gif", "exif.jpg", "blank.png", "dot.png", "bomb.png"]
+    names += ["huge.png", "fifo.png"]
     done = run_script("predict.py", f"ckpt_path={ckpt}", *(str(tmp_path / n) for n in names), "--json", log_dir=log_dir)
     assert done.returncode == 1 and "Traceback" not in done.stderr  # some inputs refused, the others answered
     rows = predicted(done)
@@ -210,6 +215,8 @@ def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_pat
     for name in ("blank.png", "dot.png"):
         assert rows[name]["error"].startswith("no ink found"), rows[name]
     assert "over the limit" in rows["bomb.png"]["error"]
+    assert rows["huge.png"]["error"] == f"{MAX_BYTES + 1:,} bytes is over the limit of {MAX_BYTES:,}"
+    assert rows["fifo.png"]["error"] == "not a regular file"
 
 
 def test_a_labelled_folder_gives_the_accuracy_of_its_rows(trained, data_dir, tmp_path):

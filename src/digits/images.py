@@ -3,6 +3,7 @@ bounds, and framed the way the dataset's own images were."""
 
 import glob
 import io
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from digits.errors import DigitsError
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
 MAX_PIXELS = 40_000_000  # a phone photo is 12-50 MP; beyond this a file is refused before it is decoded
+MAX_BYTES = 256 * 2**20  # over twice an uncompressed 40 MP RGB TIFF; beyond this a file is refused before it is read
 INK = 0.1  # the least contrast, after the paper's tone is taken off, that counts as ink
 
 
@@ -41,6 +43,11 @@ def read_gray(path: Path) -> torch.Tensor:
     Errors name what is wrong, not the file: the caller's row does.
     """
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block the read or never end it
+            raise DigitsError("not a regular file")
+        if info.st_size > MAX_BYTES:
+            raise DigitsError(f"{info.st_size:,} bytes is over the limit of {MAX_BYTES:,}")
         data = path.read_bytes()
     except OSError as err:
         raise DigitsError(err.strerror or type(err).__name__) from None
