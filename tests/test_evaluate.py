@@ -13,8 +13,8 @@ from PIL import Image
 
 from conftest import ROOT, assert_real_png, read_events, run_train
 from digits.data import shipped
-from digits.images import MAX_BYTES, frame
-from digits.robustness import CORRUPTIONS
+from digits.images import MAX_BYTES, frame, model_view
+from digits.robustness import CORRUPTIONS, photographed
 
 
 def run_script(script: str, *args: str, log_dir: Path) -> subprocess.CompletedProcess:
@@ -116,13 +116,32 @@ def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
 def test_frame_scales_the_ink_box_and_centres_it(box, by_mass):
     photo = torch.full((300, 400), 0.2)  # ink 0.9 on a 0.2 background, 60 tall and 30 wide, off in a corner
     photo[200:260, 330:360] = 0.9
-    x = frame(photo, 0.2, box, by_mass)
+    x = frame(photo - 0.2, box, by_mass)
     rows, cols = (x > 0.5).nonzero(as_tuple=True)
     assert x.shape == (28, 28) and x.min() == 0 and x.max() == pytest.approx(1)
     assert rows.max() - rows.min() + 1 == box and cols.max() - cols.min() + 1 == box // 2  # aspect kept
     centre = (rows.float().mean().item(), cols.float().mean().item())
     assert centre == (pytest.approx(13.5, abs=0.6), pytest.approx(13.5, abs=0.6))
-    assert frame(torch.full((50, 50), 0.3), 0.3, box, by_mass).abs().sum() == 0  # no ink: a blank canvas
+    assert frame(torch.zeros(50, 50), box, by_mass).abs().sum() == 0  # no ink: a blank canvas
+
+
+def test_a_shadow_across_the_sheet_and_camera_noise_are_paper_not_ink(data_dir):
+    """A photographed digit under light that falls off by half across the sheet, with camera noise, is framed as
+    the same digit photographed in even light without noise: the same height, nearly the same pixels."""
+    raw = shipped("mnist", data_dir=data_dir).dataset_cls(str(data_dir), train=False)
+    generator = torch.Generator().manual_seed(0)
+
+    def height(view: torch.Tensor) -> int:
+        rows = (view > 0.5).any(1).nonzero()
+        return int(rows.max() - rows.min() + 1)
+
+    differences = []
+    for digit in raw.data[:20].float() / 255:
+        even = model_view(photographed(digit, 0.0, 0.0, generator), 20, True)
+        shaded = model_view(photographed(digit, 0.5, 0.02, generator), 20, True)
+        assert abs(height(shaded) - height(even)) <= 1
+        differences.append((shaded - even).abs().mean().item())
+    assert sum(differences) / len(differences) < 0.05  # 0.11 when the paper was one tone, its shade taken for ink
 
 
 @pytest.fixture(scope="module")

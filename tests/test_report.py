@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_real_png, read_events, train_command
-from digits.report import verdict
+from digits.report import KEPT, verdict
 
 
 def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_dir):
@@ -75,8 +75,16 @@ def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_d
     shown = f"curves_{gone.parent.name}_{gone.name}.png"
     assert_real_png(out / shown)
     (out / "mine.png").write_bytes((out / "errorbars_experiment.png").read_bytes())
+    # a choice written up by hand below the results page's KEPT line, with a figure of its own
+    (tmp_path / "figures" / "choice.png").write_bytes((out / "errorbars_experiment.png").read_bytes())
+    by_hand = "\n## A choice, written up by hand\n\n![choice](figures/choice.png)\n"
+    results.write_text(results.read_text() + by_hand)
+    below = results.read_text().partition(KEPT)[2]
     done = subprocess.run(report, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert results.read_text().count(KEPT) == 1 and results.read_text().partition(KEPT)[2] == below
+    assert below.endswith(by_hand)
+    assert_real_png(tmp_path / "figures" / "choice.png")
     assert len(list(out.glob("curves_*.png"))) == 7 and not (out / shown).exists()
     assert (out / "mine.png").exists()
 

@@ -3,6 +3,7 @@ bounds, and framed the way the dataset's own images were."""
 
 import glob
 import io
+import math
 import stat
 import warnings
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", "
 MAX_PIXELS = 40_000_000  # a phone photo is 12-50 MP; beyond this a file is refused before it is decoded
 MAX_BYTES = 256 * 2**20  # over twice an uncompressed 40 MP RGB TIFF; beyond this a file is refused before it is read
 INK = 0.1  # the least contrast, after the paper's tone is taken off, that counts as ink
+NOISE = 5  # ink stands this many times the paper's noise above it: a pixel of grain does so once in 3.5 million
 
 
 def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
@@ -89,23 +91,72 @@ def model_view(x: torch.Tensor, box: int, by_mass: bool) -> torch.Tensor:
     """A gray image (paper 1 or 0) as the 28×28 white-on-black picture the model sees, before normalisation.
 
     A 28×28 image is taken as it is (the datasets' own format); any other size is framed the way the
-    dataset's own images were (`frame`). Raises `DigitsError` where no ink stands out from the paper.
+    dataset's own images were (`frame`), its paper taken off first: light falling off across a photographed
+    sheet is not ink. Raises `DigitsError` where no ink stands out from the paper.
     """
-    paper = border_median(x)
-    if paper > 0.5:  # dark ink on light paper: flip to MNIST's white on black
-        x, paper = 1 - x, 1 - paper
-    if x.max().item() - paper < INK:
+    if border_median(x) > 0.5:  # dark ink on light paper: flip to MNIST's white on black
+        x = 1 - x
+    paper, noise = paper_under(x)
+    ink = x - paper
+    if ink.max().item() < max(INK, NOISE * noise):
         raise DigitsError("no ink found: the image is blank or has no contrast")
-    return x if x.shape == (28, 28) else frame(x, paper, box, by_mass)
+    return x if x.shape == (28, 28) else frame(ink, box, by_mass, noise)
 
 
-def frame(x: torch.Tensor, paper: float, box: int, by_mass: bool) -> torch.Tensor:
-    """White-on-black ink as the datasets framed theirs: the paper's tone taken off and the ink stretched to
-    full contrast, its bounding box scaled to fit `box`×`box` (aspect kept) and stretched to full contrast
-    again, then placed on a 28×28 canvas, centred by its centre of mass (MNIST: a 20-pixel box) or by its
-    box (Fashion-MNIST: 28)."""
-    ink = ((x - paper) / max(x.max().item() - paper, 1e-6)).clamp(0, 1)
-    rows, cols = (ink > INK).nonzero(as_tuple=True)
+def paper_under(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The paper's tone under white-on-black ink, as a smooth surface (a quadratic in the pixel coordinates,
+    which takes a lamp's fall-off or a shadow across the sheet), fitted to the image's edges less the ink
+    that reaches them; and the spread of the paper's grain and the camera's noise about it."""
+    h, w = x.shape
+    if min(h, w) < 8:
+        return torch.full_like(x, border_median(x)), 0.0
+    small = F.adaptive_avg_pool2d(x[None, None], (min(h, 64), min(w, 64)))[0, 0]  # the fit needs no more
+    edges = edge_mask(*small.shape)
+    basis = torch.stack([t.expand(small.shape) for t in quadratic(*small.shape)], dim=-1)[edges].double()
+    values = small[edges].double()
+    keep = torch.ones_like(values, dtype=torch.bool)
+    for _ in range(5):  # refit without what rises above the paper: ink that reaches the edges
+        a = basis[keep]
+        coef = torch.linalg.solve(a.T @ a + 1e-9 * torch.eye(6, dtype=a.dtype), a.T @ values[keep])  # least squares
+        rise = values - basis @ coef
+        fitted, keep = keep, rise <= 3 * 1.4826 * rise[keep].abs().median() + 0.02
+        if torch.equal(keep, fitted):
+            break
+    paper = sum(c * t for c, t in zip(coef.tolist(), quadratic(h, w), strict=True)).expand(h, w)
+    # ink only rises above the paper: the pixels below it are grain and noise alone, which a grid of a
+    # million of them measures as well as a 50 MP photo's every pixel, and much faster
+    step = max(1, math.isqrt(h * w // 1_000_000))
+    rest = x[::step, ::step] - paper[::step, ::step]
+    below = rest[edge_mask(*rest.shape) & (rest < 0)]
+    return paper, 1.4826 * below.abs().median().item() if len(below) else 0.0
+
+
+def quadratic(h: int, w: int) -> list[torch.Tensor]:
+    """1, u, v, u², uv, v² over an h×w image, u and v from -1 to 1 across it, each broadcastable to h×w."""
+    v, u = torch.linspace(-1, 1, h)[:, None], torch.linspace(-1, 1, w)[None, :]
+    return [torch.ones(1, 1), u, v, u * u, u * v, v * v]
+
+
+def edge_mask(h: int, w: int) -> torch.Tensor:
+    """The pixels within an eighth of the shorter side of the image's edges."""
+    band = max(1, min(h, w) // 8)
+    inner = torch.zeros(h, w, dtype=torch.bool)
+    inner[band : h - band, band : w - band] = True
+    return ~inner
+
+
+def frame(ink: torch.Tensor, box: int, by_mass: bool, noise: float = 0.0) -> torch.Tensor:
+    """White-on-black ink, its paper taken off, as the datasets framed theirs: stretched to full contrast, the
+    paper's grain (under NOISE × `noise`) cleared, its bounding box scaled to fit `box`×`box` (aspect kept)
+    and stretched to full contrast again, then placed on a 28×28 canvas, centred by its centre of mass
+    (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28)."""
+    contrast = max(ink.max().item(), 1e-6)
+    grain = NOISE * noise / contrast
+    ink = (ink / contrast).clamp(0, 1)
+    ink = torch.where(ink > grain, ink, 0)
+    # a noise pixel alone can pass the grain's bar in a large photo; its 3×3 neighbourhood cannot
+    near = F.avg_pool2d(ink[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0]
+    rows, cols = ((ink > INK) & (near > grain / 3)).nonzero(as_tuple=True)
     if not len(rows):
         return torch.zeros(28, 28)
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]

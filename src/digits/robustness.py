@@ -4,6 +4,7 @@ faint ink, thick and thin strokes, off-centre), and, for digit datasets, digits 
 the machine, framed as predict.py frames an image."""
 
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,18 @@ CORRUPTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "thin": lambda ink: -F.max_pool2d(-F.pad(ink, (0, 1, 0, 1)), 2, stride=1),
     "shifted": _shifted,
 }
+
+
+def photographed(ink: torch.Tensor, shadow: float, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """A 28×28 white-on-black digit as a phone photo of it written on paper: dark ink 112 pixels tall on a
+    192-pixel sheet (paper 0.9, the ink taking 85% of the light), the light falling off by `shadow` from one
+    side of the sheet to the other in a random direction, and camera noise of standard deviation `noise`."""
+    big = F.pad(F.interpolate(ink[None, None], size=(112, 112), mode="bilinear")[0, 0], (40, 40, 40, 40))
+    angle = 2 * math.pi * torch.rand((), generator=generator).item()
+    v, u = torch.linspace(-1, 1, 192)[:, None], torch.linspace(-1, 1, 192)[None, :]
+    across = (math.cos(angle) * u + math.sin(angle) * v) / math.sqrt(2)  # -1 to 1 from one corner to the other
+    page = 0.9 * (1 - shadow * (0.5 + 0.5 * across)) * (1 - 0.85 * big)
+    return (page + noise * torch.randn(page.shape, generator=generator)).clamp(0, 1)
 
 
 def is_digits(class_names: list[str]) -> bool:

@@ -1,0 +1,66 @@
+"""How predict.py reads photos of digits: a checkpoint's own validation digits, photographed
+(`digits.robustness.photographed`: written on paper, a shadow across the sheet, camera noise), framed as
+predict.py frames an image file, and predicted. One row per shadow; the 28×28 digits as the dataset holds
+them are the first row.
+
+    python scripts/photos.py <checkpoint> [--shadows 0,0.2,0.4,0.6] [--noise 0.02] [--size 1000]
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("DIGITS_ROOT", str(Path(__file__).resolve().parents[1]))  # data/ in the checkout
+
+import torch
+from omegaconf import OmegaConf
+
+from digits.config import build
+from digits.errors import DigitsError
+from digits.evaluate import load_model, load_run
+from digits.images import model_view
+from digits.robustness import photographed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--shadows", default="0,0.2,0.4,0.6", help="the light's fall-off across the sheet")
+    parser.add_argument("--noise", type=float, default=0.02, help="the camera noise's standard deviation")
+    parser.add_argument("--size", type=int, default=1000, help="validation digits, the first of the split")
+    args = parser.parse_args()
+
+    root = Path(os.environ["DIGITS_ROOT"])
+    paths = OmegaConf.create({"data_dir": str(root / "data"), "log_dir": str(root / "logs")})
+    cfg, checkpoint = load_run(args.checkpoint, paths)
+    model = load_model(cfg, checkpoint, args.checkpoint)
+    data = build(cfg.data, "data")
+    data.prepare_data()
+    images, labels = data.tensors("val")
+    images, labels = images[: args.size], labels[: args.size]
+    ink = (images[:, 0] * data.std + data.mean).clamp(0, 1)
+
+    def accuracy(views: torch.Tensor, seen: torch.Tensor) -> float:
+        with torch.no_grad():
+            predicted = model(((views - data.mean) / data.std).unsqueeze(1)).argmax(-1)
+        return 100 * (predicted == labels[seen]).sum().item() / len(labels)
+
+    print(f"{len(labels)} validation digits of {args.checkpoint}, camera noise {args.noise}\n")
+    print("| shadow | accuracy % | no ink found |\n|---|---:|---:|")
+    print(f"| as the dataset holds them | {accuracy(ink, torch.arange(len(labels))):.1f} | |")
+    generator = torch.Generator().manual_seed(0)
+    for shadow in (float(s) for s in args.shadows.split(",")):
+        views, seen = [], []
+        for i, digit in enumerate(ink):
+            try:
+                views.append(
+                    model_view(photographed(digit, shadow, args.noise, generator), data.frame_box, data.frame_by_mass)
+                )
+                seen.append(i)
+            except DigitsError:
+                continue
+        print(f"| {shadow} | {accuracy(torch.stack(views), torch.tensor(seen)):.1f} | {len(labels) - len(seen)} |")
+
+
+if __name__ == "__main__":
+    main()
