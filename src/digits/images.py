@@ -112,7 +112,7 @@ def paper_under(x: torch.Tensor) -> tuple[torch.Tensor, float]:
         return torch.full_like(x, border_median(x)), 0.0
     small = F.adaptive_avg_pool2d(x[None, None], (min(h, 64), min(w, 64)))[0, 0]  # the fit needs no more
     edges = edge_mask(*small.shape)
-    basis = torch.stack([t.expand(small.shape) for t in quadratic(*small.shape)], dim=-1)[edges].double()
+    basis = quadratic(*small.shape)[edges].double()
     values = small[edges].double()
     keep = torch.ones_like(values, dtype=torch.bool)
     for _ in range(5):  # refit without what rises above the paper: ink that reaches the edges
@@ -122,7 +122,7 @@ def paper_under(x: torch.Tensor) -> tuple[torch.Tensor, float]:
         fitted, keep = keep, rise <= 3 * 1.4826 * rise[keep].abs().median() + 0.02
         if torch.equal(keep, fitted):
             break
-    paper = sum(c * t for c, t in zip(coef.tolist(), quadratic(h, w), strict=True)).expand(h, w)
+    paper = quadratic(h, w, coef.tolist())
     # ink only rises above the paper: the pixels below it are grain and noise alone, which a grid of a
     # million of them measures as well as a 50 MP photo's every pixel, and much faster
     step = max(1, math.isqrt(h * w // 1_000_000))
@@ -131,10 +131,14 @@ def paper_under(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return paper, 1.4826 * below.abs().median().item() if len(below) else 0.0
 
 
-def quadratic(h: int, w: int) -> list[torch.Tensor]:
-    """1, u, v, u², uv, v² over an h×w image, u and v from -1 to 1 across it, each broadcastable to h×w."""
+def quadratic(h: int, w: int, coef: list[float] | None = None) -> torch.Tensor:
+    """The terms 1, u, v, u², uv, v² at each pixel of an h×w image, u and v from -1 to 1 across it (h×w×6);
+    with `coef`, their weighted sum (h×w)."""
     v, u = torch.linspace(-1, 1, h)[:, None], torch.linspace(-1, 1, w)[None, :]
-    return [torch.ones(1, 1), u, v, u * u, u * v, v * v]
+    if coef is None:
+        return torch.stack(torch.broadcast_tensors(torch.ones(1, 1), u, v, u * u, u * v, v * v), dim=-1)
+    c = coef
+    return (c[0] + c[1] * u + c[3] * u * u) + v * (c[2] + c[4] * u + c[5] * v)  # three passes over a large photo
 
 
 def edge_mask(h: int, w: int) -> torch.Tensor:
@@ -153,10 +157,17 @@ def frame(ink: torch.Tensor, box: int, by_mass: bool, noise: float = 0.0) -> tor
     contrast = max(ink.max().item(), 1e-6)
     grain = NOISE * noise / contrast
     ink = (ink / contrast).clamp(0, 1)
-    ink = torch.where(ink > grain, ink, 0)
-    # a noise pixel alone can pass the grain's bar in a large photo; its 3×3 neighbourhood cannot
-    near = F.avg_pool2d(ink[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0]
-    rows, cols = ((ink > INK) & (near > grain / 3)).nonzero(as_tuple=True)
+    if grain > 0:
+        ink = torch.where(ink > grain, ink, 0)
+    rows, cols = (ink > INK).nonzero(as_tuple=True)
+    if grain > 0:
+        # a noise pixel alone can pass the grain's bar in a large photo; its 3×3 neighbourhood's mean cannot
+        near = sum(
+            ink[(rows + dy).clamp(0, ink.shape[0] - 1), (cols + dx).clamp(0, ink.shape[1] - 1)]
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        )
+        rows, cols = rows[near > 3 * grain], cols[near > 3 * grain]  # a mean of over grain / 3
     if not len(rows):
         return torch.zeros(28, 28)
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
