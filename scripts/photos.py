@@ -8,6 +8,7 @@ them are the first row.
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("DIGITS_ROOT", str(Path(__file__).resolve().parents[1]))  # data/ in the checkout
@@ -63,4 +64,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DigitsError as err:  # a missing or hostile checkpoint: one line, as train.py and predict.py say it
+        sys.exit(f"error: {err}")

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, run_train, train_command
+from digits.artifacts import load_checkpoint
+from digits.errors import DigitsError
 from digits.train import train
 
 # ~1,500 steps an epoch: long enough to stop a run in the middle of one
@@ -161,6 +164,13 @@ def test_truncated_checkpoint_is_refused(tmp_path, data_dir, mlp_checkpoint):
     broken.write_bytes(mlp_checkpoint.read_bytes()[:1000])
     line = hostile(tmp_path, data_dir, "model=mlp", f"ckpt_path={broken}", "debug=quick")
     assert "is not a readable checkpoint" in line
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path):
+    image = tmp_path / "seven.png"  # an image given as ckpt_path: no pickle, and no pickled object in it
+    Image.new("L", (28, 28)).save(image)
+    with pytest.raises(DigitsError, match=r"is not a readable checkpoint \(not a file torch.save wrote\)$"):
+        load_checkpoint(image)
 
 
 def test_missing_checkpoint_is_refused(tmp_path, data_dir):

@@ -34,10 +34,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f"a pickled {found.group(1)}" if found else "pickled objects"
+        if not found:  # bytes that are no pickle at all: an image or a text file given by mistake
+            what = "not a file torch.save wrote"
+            raise DigitsError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({what})") from None
         raise DigitsError(
-            f"ckpt_path={str(path)!r} is refused: it holds {what}, not only weights and plain data; "
-            "nothing in it was run"
+            f"ckpt_path={str(path)!r} is refused: it holds a pickled {found.group(1)}, not only weights and plain "
+            "data; nothing in it was run"
         ) from None
     except Exception as err:
         what = type(err).__name__
