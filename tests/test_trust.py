@@ -122,6 +122,31 @@ def test_a_payload_hidden_in_a_real_run_is_refused_by_eval_and_predict(trained, 
     assert not (tmp_path / "logs" / "eval").exists(), "a failed eval leaves no eval dir"
 
 
+@pytest.mark.parametrize(
+    ("script", "key", "node"),
+    [
+        ("predict.py", "model", {"_target_": "pathlib.Path.unlink", "_args_": ["VICTIM"]}),
+        ("eval.py", "optimizer", {"_target_": "torch.load", "f": "VICTIM", "weights_only": False}),
+        ("predict.py", "model", {"_target_": "digits.models.MLP", "x": {"_target_": "os.remove", "path": "VICTIM"}}),
+        ("eval.py", "data", {"_target_": "torch.nn.Linear", "in_features": 1, "out_features": 1}),
+    ],
+)
+def test_a_checkpoint_whose_config_names_a_function_is_refused(trained, tmp_path, script, key, node):
+    """A checkpoint is plain data, but its config says what eval and predict build: one that names a function
+    (here deleting or unpickling a file), nested or not, or a class of another kind builds nothing."""
+    ckpt, _ = trained
+    victim = tmp_path / "victim.txt"
+    victim.write_text("still here")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint[RECORD]["config"][key] = json.loads(json.dumps(node).replace("VICTIM", str(victim)))
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, hostile)
+    extra = ["test_index=0:3"] if script == "predict.py" else []
+    line = one_line_error(run_script(script, f"ckpt_path={hostile}", *extra, log_dir=tmp_path / "logs"))
+    assert f"is refused: its config builds {key} with " in line and "nothing was built from it" in line
+    assert victim.read_text() == "still here"
+
+
 def test_a_checkpoint_copied_alone_is_evaluated_and_predicted(trained, tmp_path):
     ckpt, _ = trained
     alone = tmp_path / "elsewhere" / "model.ckpt"

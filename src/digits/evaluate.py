@@ -1,5 +1,6 @@
 """Evaluate and predict with any checkpoint of a digits run; model and data come from the run's config."""
 
+import contextlib
 import csv
 import sys
 from collections.abc import Iterable
@@ -8,7 +9,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from tqdm import tqdm
 
@@ -36,9 +39,53 @@ def load_run(ckpt_path: str | Path, paths: DictConfig) -> tuple[DictConfig, dict
                 "expected a checkpoint of a digits run"
             )
         cfg = OmegaConf.load(saved)
+    check_targets(cfg, ckpt_path)
     cfg.paths = paths  # this machine's data and log dirs, not those of the run's
     cfg.data.data_dir = paths.data_dir
     return cfg, checkpoint
+
+
+# What a checkpoint's config may build, key by key: classes of these kinds only. Hydra's own blocklist stops
+# os.system, but a config could as well name pathlib.Path.unlink, torch.load or torch.hub.load.
+BUILDS = {
+    "model": ("torch.nn.Module", torch.nn.Module),
+    "optimizer": ("torch.optim.Optimizer", torch.optim.Optimizer),
+    "scheduler": ("torch.optim.lr_scheduler.LRScheduler", torch.optim.lr_scheduler.LRScheduler),
+    "data": ("lightning.LightningDataModule", L.LightningDataModule),
+}
+
+
+def check_targets(cfg: DictConfig, ckpt_path: str | Path) -> None:
+    """Every `_target_` that eval and predict would build from a checkpoint's config, nested ones included, names
+    a class of the kind its key builds (`BUILDS`), outside the standard library: a checkpoint from someone
+    else cannot make them call a function."""
+    for key, (kind_name, kind) in BUILDS.items():
+        try:
+            node = OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+        except OmegaConfBaseException as err:
+            raise DigitsError(f"ckpt_path={str(ckpt_path)!r} has a config whose {key} cannot be read ({err})") from None
+        for target in targets(node):
+            found = None
+            if isinstance(target, str) and target.split(".")[0] not in sys.stdlib_module_names:
+                with contextlib.suppress(Exception):  # a name that resolves to nothing is refused below
+                    found = get_object(target)
+            if not (isinstance(found, type) and issubclass(found, kind)):
+                raise DigitsError(
+                    f"ckpt_path={str(ckpt_path)!r} is refused: its config builds {key} with {target!r}, which is "
+                    f"not a {kind_name} class; nothing was built from it"
+                )
+
+
+def targets(node: Any) -> Iterable[Any]:
+    """The `_target_` values anywhere in a config container."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node["_target_"]
+        for value in node.values():
+            yield from targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from targets(value)
 
 
 def load_model(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Path) -> Classifier:
