@@ -22,7 +22,7 @@ from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity
 
 from digits.augment import Augment
-from digits.errors import DigitsError, is_int, is_number, require
+from digits.errors import DigitsError, is_int, is_number, named_class, require
 
 LOADERS = ("device", "torch")
 
@@ -370,12 +370,7 @@ def shipped(name: str, **kwargs: Any) -> DigitsDataModule:
 
 def _dataset_class(dataset: str | type[MNIST]) -> type[MNIST]:
     """The torchvision class a config names; it must read MNIST's IDX format (a subclass of `MNIST`)."""
-    from hydra.utils import get_class
-
-    try:
-        cls = get_class(dataset) if isinstance(dataset, str) else dataset
-    except Exception:
-        cls = None
+    cls = named_class(dataset, MNIST) if isinstance(dataset, str) else dataset
     ok = isinstance(cls, type) and issubclass(cls, MNIST)
     require(ok, "dataset", dataset, "a torchvision dataset class in MNIST's format (MNIST, FashionMNIST, KMNIST, …)")
     return cls

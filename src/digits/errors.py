@@ -1,5 +1,7 @@
 """The one exception type for user mistakes: entry points print it as one line, never a traceback."""
 
+import contextlib
+import sys
 from typing import Any
 
 
@@ -19,6 +21,19 @@ def is_number(value: Any) -> bool:
 def require(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise DigitsError(f"{name}={value!r} is not allowed; expected {allowed}")
+
+
+def named_class(name: Any, kind: type) -> type | None:
+    """The class a config's string names, if it is a subclass of `kind` outside the standard library (whose
+    modules may act on import: `antigravity` opens a browser); None otherwise. Imports the class's module."""
+    from hydra.utils import get_object
+
+    if not isinstance(name, str) or name.split(".")[0] in sys.stdlib_module_names:
+        return None
+    found = None
+    with contextlib.suppress(Exception):  # a name that resolves to nothing is no class
+        found = get_object(name)
+    return found if isinstance(found, type) and issubclass(found, kind) else None
 
 
 class JobsRefusedError(RuntimeError):

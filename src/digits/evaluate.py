@@ -1,6 +1,5 @@
 """Evaluate and predict with any checkpoint of a digits run; model and data come from the run's config."""
 
-import contextlib
 import csv
 import sys
 from collections.abc import Iterable
@@ -9,7 +8,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
@@ -18,7 +16,7 @@ from tqdm import tqdm
 from digits.artifacts import check_weights, checkpoint_record, load_checkpoint, write_json
 from digits.callbacks import TAGS, Robustness, TestResults
 from digits.config import build
-from digits.errors import DigitsError
+from digits.errors import DigitsError, named_class
 from digits.images import find_inputs, model_view, read_gray
 from digits.module import Classifier
 from digits.train import build_module, device_name
@@ -65,11 +63,7 @@ def check_targets(cfg: DictConfig, ckpt_path: str | Path) -> None:
         except OmegaConfBaseException as err:
             raise DigitsError(f"ckpt_path={str(ckpt_path)!r} has a config whose {key} cannot be read ({err})") from None
         for target in targets(node):
-            found = None
-            if isinstance(target, str) and target.split(".")[0] not in sys.stdlib_module_names:
-                with contextlib.suppress(Exception):  # a name that resolves to nothing is refused below
-                    found = get_object(target)
-            if not (isinstance(found, type) and issubclass(found, kind)):
+            if named_class(target, kind) is None:
                 raise DigitsError(
                     f"ckpt_path={str(ckpt_path)!r} is refused: its config builds {key} with {target!r}, which is "
                     f"not a {kind_name} class; nothing was built from it"
