@@ -1,5 +1,6 @@
 """Optuna sweeps end to end: real Hydra multiruns in subprocesses, real storages, tiny data subsets."""
 
+import csv
 import glob
 import json
 import os
@@ -77,7 +78,10 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
         assert hparams["optuna.trial"].string_value == f"mlp_optuna_mnist#{trial.number}"
         assert trial.user_attrs["run_dir"] == str(run_dir)
         assert trial.user_attrs["tensorboard_run"] == str(run_dir.relative_to(log_dir))
-        assert trial.user_attrs["test_acc"] == json.loads((run_dir / "metrics.json").read_text())["test_acc"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert "test_acc" not in metrics and "test_acc" not in trial.user_attrs  # chosen on validation: no test read
+        assert trial.user_attrs["val_robust"] == metrics["robustness"]["val"]["mean"]
+        assert trial.user_attrs["val_fonts"] == metrics["robustness"]["val"]["fonts"]
         assert trial.user_attrs["model"] == "mlp" and trial.user_attrs["trainer.max_epochs"] == 1
         assert "model.hidden_size" not in trial.user_attrs  # searched: a param, not a fixed setting
         assert "model.channels" not in trial.user_attrs  # an MLP has no channels: no setting
@@ -88,6 +92,9 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
     assert summary["best_value"] == pytest.approx(study.best_value)
     assert summary["best_overrides"].split().count("model=mlp") == 1
     assert f"model.hidden_size={study.best_params['model.hidden_size']}" in summary["best_overrides"]
+    best_run = Path(study.best_trial.user_attrs["run_dir"])
+    assert Path(summary["best_checkpoint"]).parent == best_run / "checkpoints"
+    assert f"python eval.py ckpt_path={summary['best_checkpoint']}" in done.stdout + done.stderr
 
     sweep_dir = log_dir / "sweeps" / "mlp_optuna_mnist"
     report = [sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep_dir)]
@@ -95,7 +102,10 @@ def test_tpe_sweep_runs_every_trial_with_its_params(tmp_path, data_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     for kind in ("history", "importances", "slice_model.hidden_size", "slice_data.batch_size"):
         assert_real_png(sweep_dir / "report" / f"optuna_mlp_optuna_mnist_{kind}.png")
-    assert len((sweep_dir / "report" / "runs.csv").read_text().splitlines()) == 1 + 4
+    with open(sweep_dir / "report" / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {(r["test_acc_pct"], r["test_error_pct"]) for r in rows} == {("-", "-")}
+    assert sorted(float(r["best_val_acc_pct"]) for r in rows)[-1] == pytest.approx(100 * study.best_value, abs=1e-3)
     assert {"optuna/mlp_optuna_mnist_history", "optuna/mlp_optuna_mnist_importances"} <= set(
         read_events(sweep_dir / "report").Tags()["images"]
     )
@@ -366,4 +376,4 @@ def test_a_sweeps_console_has_one_line_per_trial_and_no_warnings(tmp_path, data_
     assert len(console) <= 10, console
     # the detail is in each run's own log
     (run,) = log_dir.glob("runs/*/*_trial0")
-    assert "test accuracy" in (run / "train.log").read_text()
+    assert "best val acc" in (run / "train.log").read_text()

@@ -160,8 +160,8 @@ class Robustness(L.Callback):
 
     def __init__(self, splits: tuple[str, ...] | list[str] = ("test",), size: int = 2000, fonts: bool = True) -> None:
         ok = len(splits) > 0 and all(s in ("val", "test") for s in splits)
-        require(ok, "robustness.splits", list(splits), "a list of `val` and/or `test`")
-        require(is_int(size) and size >= 1, "robustness.size", size, "a number of images ≥ 1")
+        require(ok, "splits", list(splits), "a list of `val` and/or `test`")
+        require(is_int(size) and size >= 1, "size", size, "a number of images ≥ 1")
         self.splits, self.size, self.fonts = tuple(splits), size, fonts
         self.results: dict[str, dict[str, float]] = {}
 

@@ -31,12 +31,14 @@ KEPT = "<!-- report.py writes what is above this line; what is below it, it keep
 PNG_LINK = r"!\[[^\]]*\]\(([^)]+\.png)\)"
 
 
-METRICS = ("test_acc", "test_error_pct", "best_val_acc", "params", "epochs", "train_seconds", "device", "precision")
+METRICS = ("best_val_acc", "params", "epochs", "train_seconds", "device", "precision")
+TEST_METRICS = ("test_acc", "test_error_pct")  # absent from a run that chose on validation (test=false)
 
 
 def find_runs(root: Path) -> list[Path]:
     """Every finished run below `root`, or listed in a multirun's runs.txt below it, that can be read back:
-    metrics.json and its .hydra config.
+    metrics.json and its .hydra config. Runs with `test=false` (sweep trials among them) are included: only
+    `tested` ones stand behind a test figure.
 
     A run whose files are corrupt, empty or cut short is skipped with a warning naming it.
     """
@@ -49,9 +51,8 @@ def find_runs(root: Path) -> list[Path]:
             continue
         try:
             metrics = json.loads((run / "metrics.json").read_text())
-            if "best_val_acc" in metrics and "test_acc" not in metrics:
-                continue  # a run that chose on validation (test=false): nothing here to report on test
-            missing = [k for k in METRICS if k not in metrics]
+            required = METRICS + (TEST_METRICS if any(k in metrics for k in TEST_METRICS) else ())
+            missing = [k for k in required if k not in metrics]
             if missing:
                 raise ValueError(f"no {', '.join(missing)}")
             OmegaConf.load(run / ".hydra" / "config.yaml")
@@ -83,8 +84,8 @@ def run_row(run: Path, root: Path) -> dict[str, Any]:
         "precision": m["precision"],
         "train_seconds": round(m["train_seconds"], 2),
         "best_val_acc_pct": round(100 * m["best_val_acc"], 3),
-        "test_acc_pct": round(100 * m["test_acc"], 3),
-        "test_error_pct": round(m["test_error_pct"], 3),
+        "test_acc_pct": round(100 * m["test_acc"], 3) if "test_acc" in m else ABSENT,
+        "test_error_pct": round(m["test_error_pct"], 3) if "test_acc" in m else ABSENT,
         **{f"{k}_pct": robust_pct(m, k) for k in ("robust", "fonts")},
     }
 
@@ -251,9 +252,14 @@ def optuna_plots(root: Path) -> Iterator[tuple[str, Figure]]:
                 yield f"optuna/{study.study_name}_{kind}", ax.figure
 
 
+def tested(runs: list[Path]) -> list[Path]:
+    """The runs that read the test set."""
+    return [run for run in runs if "test_acc" in run_metrics(run)]
+
+
 def replicated(runs: list[Path]) -> list[Path]:
-    """The runs that are not an Optuna trial: a study's trials are each one draw, never replicates."""
-    return [run for run in runs if run_hparams(run)[TRIAL] == ABSENT]
+    """The tested runs that are not an Optuna trial: a study's trials are each one draw, never replicates."""
+    return [run for run in tested(runs) if run_hparams(run)[TRIAL] == ABSENT]
 
 
 def report_figures(
@@ -358,9 +364,9 @@ def value_order(variant: str) -> list[tuple[str, int, float, str]]:
 
 
 def preset_runs(root: Path) -> dict[tuple[str, str], list[Path]]:
-    """Finished runs of `experiment=` presets by (experiment, dataset)."""
+    """Tested runs of `experiment=` presets by (experiment, dataset)."""
     presets: dict[tuple[str, str], list[Path]] = defaultdict(list)
-    for run in find_runs(root):
+    for run in tested(find_runs(root)):
         choices = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices
         if choices.get("experiment"):
             presets[choices.experiment, OmegaConf.load(run / "metrics.json").data].append(run)

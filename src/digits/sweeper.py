@@ -151,8 +151,8 @@ def worker_alive(attrs: dict[str, Any]) -> bool:
 
 
 def job_attributes(ret: JobReturn, searched: dict[str, Any]) -> dict[str, Any]:
-    """What optuna-dashboard shows beside a trial's params: its run dir, TensorBoard run name, test accuracy and
-    the settings it kept fixed, by the config's dotted names."""
+    """What optuna-dashboard shows beside a trial's params: its run dir, TensorBoard run name, what it scored
+    on the robustness suite (validation images) and the settings it kept fixed, by the config's dotted names."""
     if ret.cfg is None or ret.hydra_cfg is None:
         return {}  # a job lost before it ran
     run = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
@@ -160,8 +160,14 @@ def job_attributes(ret: JobReturn, searched: dict[str, Any]) -> dict[str, Any]:
     log_dir = Path(str(ret.cfg.paths.log_dir))
     if run.is_relative_to(log_dir):
         attrs["tensorboard_run"] = str(run.relative_to(log_dir))
-    with contextlib.suppress(OSError, ValueError, KeyError):  # none for a trial failed or pruned before its test
-        attrs["test_acc"] = json.loads((run / "metrics.json").read_text())["test_acc"]
+    with contextlib.suppress(OSError, ValueError, KeyError):  # none for a trial failed or pruned before the end
+        metrics = json.loads((run / "metrics.json").read_text())
+        for split, measured in metrics.get("robustness", {}).items():
+            attrs |= {f"{split}_robust": measured["mean"]} | (
+                {f"{split}_fonts": measured["fonts"]} if "fonts" in measured else {}
+            )
+        if "test_acc" in metrics:  # a sweep run with test=true
+            attrs["test_acc"] = metrics["test_acc"]
     fixed = hyperparameters(ret.cfg, ret.hydra_cfg.hydra.runtime.choices)
     # a key the model or optimizer does not take is no setting; each attribute costs the storage a commit
     return attrs | {k: v for k, v in fixed.items() if k not in searched and k != TRIAL and v != ABSENT}
@@ -459,6 +465,9 @@ class OptunaSweep(Sweeper):
                 "best_params": dict(best.params),
                 "best_overrides": " ".join(overrides),
             }
+            with contextlib.suppress(OSError, ValueError, KeyError):  # a run dir since removed, or on another host
+                metrics = json.loads((Path(best.user_attrs["run_dir"]) / "metrics.json").read_text())
+                results["best_checkpoint"] = metrics["best_checkpoint"] or None
         out = Path(self.config.hydra.sweep.dir)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "optimization_results.yaml.tmp"
@@ -469,5 +478,7 @@ class OptunaSweep(Sweeper):
             f"{results['failed']} failed of {self.n_trials}"
         )
         if "best_overrides" in results:
-            log.info(f"best value {results['best_value']:.6g} (trial {results['best_trial']}):")
+            log.info(f"best value {results['best_value']:.6g} (trial {results['best_trial']}); train it again with")
             log.info(f"python train.py {results['best_overrides']}")
+        if results.get("best_checkpoint"):
+            log.info(f"or test its checkpoint, once: python eval.py ckpt_path={results['best_checkpoint']}")
