@@ -245,7 +245,11 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
     assert sum("model.hidden_size=-1" in r for r in reasons) == 2
     assert sum("diverged" in r for r in reasons) == 1
     assert results(log_dir)["failed"] == 3
-    assert "3 failed of 4" in done.stderr + done.stdout
+    assert "3 failed of 4" in done.stdout + done.stderr
+    console = (done.stdout + done.stderr).splitlines()
+    # a user's mistake in a trial is its one line, as in a single run: no traceback, no second line from Hydra
+    assert sum(" FAIL (" in line for line in console) == 3
+    assert not [line for line in console if "Traceback" in line or "Error executing job" in line], console
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])

@@ -5,6 +5,7 @@ Our own because the released hydra-optuna-sweeper pins optuna<3 and its storage 
 """
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from digits.cli import describe
 from digits.errors import JobsRefusedError
 from digits.hparams import ABSENT, TRIAL, hyperparameters
 from digits.trials import JOURNAL_PREFIX, PRUNER_ATTR, open_storage
@@ -417,23 +419,25 @@ class OptunaSweep(Sweeper):
             for key, value in job_attributes(ret, trial.params).items():
                 trial.set_user_attr(key, value)
         try:
-            value = float(ret.return_value)  # re-raises what the job raised
+            with contextlib.redirect_stderr(io.StringIO()):  # Hydra's own line for a failed job: ours says it
+                value = float(ret.return_value)  # re-raises what the job raised
         except optuna.TrialPruned:
             finish(study, trial, state=TrialState.PRUNED)
             log.info(trial_line(started, trial, "PRUNED"))
             return TrialState.PRUNED
         except Exception as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            bug = err if describe(err) is None else None  # a user's mistake is its one line; a bug its traceback
         else:
             if math.isfinite(value):
                 finish(study, trial, values=value)
                 log.info(trial_line(started, trial, f"COMPLETE {self.metric}={value:.6g}"))
                 return TrialState.COMPLETE
-            reason = f"the job returned {value}"
+            reason, bug = f"the job returned {value}", None
         if running:
             trial.set_user_attr(FAIL_REASON, reason)
         finish(study, trial, state=TrialState.FAIL)
-        log.warning(trial_line(started, trial, f"FAIL ({reason})"))
+        log.warning(trial_line(started, trial, f"FAIL ({reason})"), exc_info=bug)
         return TrialState.FAIL
 
     def _write_results(self, study: optuna.Study, fixed: list[str]) -> None:
