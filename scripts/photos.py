@@ -1,9 +1,10 @@
 """How predict.py reads photos of digits: a checkpoint's own validation digits, photographed
-(`digits.robustness.photographed`: written on paper, a shadow across the sheet, camera noise), framed as
-predict.py frames an image file, and predicted. One row per shadow; the 28×28 digits as the dataset holds
-them are the first row.
+(`digits.robustness.photographed`: written on plain, ruled or squared paper, a shadow across the sheet,
+camera noise), framed as predict.py frames an image file, and predicted. One row per shadow, one column per
+paper; the 28×28 digits as the dataset holds them come first.
 
-    python scripts/photos.py <checkpoint> [--shadows 0,0.2,0.4,0.6] [--noise 0.02] [--size 1000]
+    python scripts/photos.py <checkpoint> [--shadows 0,0.2,0.4,0.6] [--papers plain,ruled,squared]
+                             [--noise 0.02] [--size 1000]
 """
 
 import argparse
@@ -20,13 +21,14 @@ from digits.config import build
 from digits.errors import DigitsError
 from digits.evaluate import load_model, load_run
 from digits.images import model_view
-from digits.robustness import photographed
+from digits.robustness import RULINGS, photographed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--shadows", default="0,0.2,0.4,0.6", help="the light's fall-off across the sheet")
+    parser.add_argument("--papers", default=",".join(RULINGS), help=f"any of {', '.join(RULINGS)}")
     parser.add_argument("--noise", type=float, default=0.02, help="the camera noise's standard deviation")
     parser.add_argument("--size", type=int, default=1000, help="validation digits, the first of the split")
     args = parser.parse_args()
@@ -46,21 +48,28 @@ def main() -> None:
             predicted = model(((views - data.mean) / data.std).unsqueeze(1)).argmax(-1)
         return 100 * (predicted == labels[seen]).sum().item() / len(labels)
 
-    print(f"{len(labels)} validation digits of {args.checkpoint}, camera noise {args.noise}\n")
-    print("| shadow | accuracy % | no ink found |\n|---|---:|---:|")
-    print(f"| as the dataset holds them | {accuracy(ink, torch.arange(len(labels))):.1f} | |")
-    generator = torch.Generator().manual_seed(0)
-    for shadow in (float(s) for s in args.shadows.split(",")):
+    def photos(shadow: float, paper: str) -> str:
+        """Accuracy (%) over every digit, a digit with no ink found counted wrong (their number in brackets)."""
+        generator = torch.Generator().manual_seed(0)  # the same shadows and noise on every paper
         views, seen = [], []
         for i, digit in enumerate(ink):
             try:
-                views.append(
-                    model_view(photographed(digit, shadow, args.noise, generator), data.frame_box, data.frame_by_mass)
-                )
+                photo = photographed(digit, shadow, args.noise, generator, paper)
+                views.append(model_view(photo, data.frame_box, data.frame_by_mass))
                 seen.append(i)
             except DigitsError:
                 continue
-        print(f"| {shadow} | {accuracy(torch.stack(views), torch.tensor(seen)):.1f} | {len(labels) - len(seen)} |")
+        missed = f" ({len(labels) - len(seen)} no ink)" if len(seen) < len(labels) else ""
+        return f"{accuracy(torch.stack(views), torch.tensor(seen)) if views else 0.0:.1f}{missed}"
+
+    papers = args.papers.split(",")
+    if unknown := [p for p in papers if p not in RULINGS]:
+        raise DigitsError(f"--papers {','.join(unknown)} is not allowed; expected any of {', '.join(RULINGS)}")
+    print(f"{len(labels)} validation digits of {args.checkpoint}, camera noise {args.noise}")
+    print(f"as the dataset holds them: {accuracy(ink, torch.arange(len(labels))):.1f}%\n")
+    print("| shadow | " + " | ".join(papers) + " |\n|---|" + "---:|" * len(papers))
+    for shadow in (float(s) for s in args.shadows.split(",")):
+        print(f"| {shadow} | " + " | ".join(photos(shadow, paper) for paper in papers) + " |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import ROOT, assert_real_png, read_events, run_train
 from digits.data import shipped
+from digits.errors import DigitsError
 from digits.images import MAX_BYTES, frame, model_view
 from digits.robustness import CORRUPTIONS, photographed
 
@@ -142,6 +143,37 @@ def test_a_shadow_across_the_sheet_and_camera_noise_are_paper_not_ink(data_dir):
         assert abs(height(shaded) - height(even)) <= 1
         differences.append((shaded - even).abs().mean().item())
     assert sum(differences) / len(differences) < 0.05  # 0.11 when the paper was one tone, its shade taken for ink
+
+
+@pytest.mark.parametrize("paper", ["ruled", "squared"])
+def test_the_lines_of_ruled_and_squared_paper_are_paper_not_ink(data_dir, paper):
+    """A digit photographed on ruled or squared paper (lines turned by up to 3°, some across the digit) is framed
+    as the same digit on plain paper; a ruled sheet with nothing written on it has no ink."""
+    raw = shipped("mnist", data_dir=data_dir).dataset_cls(str(data_dir), train=False)
+    differences = []
+    for i, digit in enumerate(raw.data[:20].float() / 255):
+        plain = model_view(photographed(digit, 0.2, 0.02, torch.Generator().manual_seed(i)), 20, True)
+        lined = model_view(photographed(digit, 0.2, 0.02, torch.Generator().manual_seed(i), paper), 20, True)
+        differences.append((lined - plain).abs().mean().item())
+    assert sum(differences) / len(differences) < 0.04  # 0.11-0.12 while the lines were taken for ink
+    blank = photographed(torch.zeros(28, 28), 0.2, 0.02, torch.Generator().manual_seed(0), paper)
+    with pytest.raises(DigitsError, match="no ink found"):
+        model_view(blank, 20, True)
+
+
+def test_a_stroke_across_a_tight_crop_is_writing_not_a_ruled_line():
+    """A 7 cropped to its ink, its bar from edge to edge as dark as its stem, keeps its bar; so does a 4 whose
+    bar and stem both reach the crop's edges."""
+    seven = torch.ones(120, 100)
+    seven[:6, :] = 0.1  # the bar, edge to edge
+    seven[:, 44:50] = 0.1  # the stem, top to bottom
+    four = torch.ones(120, 100)
+    four[70:76, :] = 0.1
+    four[:, 60:66] = 0.1
+    four[:70, 10:16] = 0.1
+    for tight in (seven, four):
+        with_margin = torch.nn.functional.pad(tight, (30, 30, 30, 30), value=1.0)  # no line reaches its edges
+        assert torch.allclose(model_view(tight, 20, True), model_view(with_margin, 20, True), atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,11 @@ SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", "
 MAX_PIXELS = 40_000_000  # a phone photo is 12-50 MP; beyond this a file is refused before it is decoded
 MAX_BYTES = 256 * 2**20  # over twice an uncompressed 40 MP RGB TIFF; beyond this a file is refused before it is read
 INK = 0.1  # the least contrast, after the paper's tone is taken off, that counts as ink
+MIN_RULED = 64  # pixels: on a smaller image a ruled line and a digit's stroke are too alike to tell apart
+RULE_COVER = 0.75  # ink covers a printed line for at least this share of its length (a faint one has gaps)
+RULE_WIDTH = 0.025  # a printed line is at most this share of the image's height wide (a stroke is wider)
+RULE_FAINT = 0.6  # one printed line alone is at most this share of the writing's darkness (a stroke is not)
+RULE_TILT = 4  # degrees: a ruled line on a photo taken a little askew
 NOISE = 5  # ink stands this many times the paper's noise above it: a pixel of grain does so once in 3.5 million
 
 
@@ -100,7 +105,12 @@ def model_view(x: torch.Tensor, box: int, by_mass: bool) -> torch.Tensor:
     ink = x - paper
     if ink.max().item() < max(INK, NOISE * noise):
         raise DigitsError("no ink found: the image is blank or has no contrast")
-    return x if x.shape == (28, 28) else frame(ink, box, by_mass, noise)
+    if x.shape == (28, 28):
+        return x
+    framed = frame(ink, box, by_mass, noise)
+    if not framed.any():
+        raise DigitsError("no ink found: nothing but the paper's grain and its ruled lines")
+    return framed
 
 
 def paper_under(x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -151,14 +161,15 @@ def edge_mask(h: int, w: int) -> torch.Tensor:
 
 def frame(ink: torch.Tensor, box: int, by_mass: bool, noise: float = 0.0) -> torch.Tensor:
     """White-on-black ink, its paper taken off, as the datasets framed theirs: stretched to full contrast, the
-    paper's grain (under NOISE × `noise`) cleared, its bounding box scaled to fit `box`×`box` (aspect kept)
-    and stretched to full contrast again, then placed on a 28×28 canvas, centred by its centre of mass
-    (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28)."""
+    paper's grain (under NOISE × `noise`) and ruled lines (`ruled_lines`) cleared, its bounding box scaled to
+    fit `box`×`box` (aspect kept) and stretched to full contrast again, then placed on a 28×28 canvas, centred
+    by its centre of mass (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28)."""
     contrast = max(ink.max().item(), 1e-6)
     grain = NOISE * noise / contrast
     ink = (ink / contrast).clamp(0, 1)
     if grain > 0:
         ink = torch.where(ink > grain, ink, 0)
+    ink = torch.where(ruled_lines(ink, max(INK, grain)), 0, ink)
     rows, cols = (ink > INK).nonzero(as_tuple=True)
     if grain > 0:
         # a noise pixel alone can pass the grain's bar in a large photo; its 3×3 neighbourhood's mean cannot
@@ -185,6 +196,96 @@ def frame(ink: torch.Tensor, box: int, by_mass: bool, noise: float = 0.0) -> tor
     canvas = torch.zeros(28, 28)
     canvas[top : top + h, left : left + w] = ink
     return canvas
+
+
+def ruled_lines(ink: torch.Tensor, level: float) -> torch.Tensor:
+    """The pixels of white-on-black ink (full contrast) that are a ruled or squared sheet's printed lines where
+    no writing crosses or runs along them: straight lines across the whole image, near-horizontal or
+    near-vertical, thin beside it (`printed_lines`). Where the writing meets a line, the line's pixels stay,
+    so no stroke is cut. Pixels over `level` are ink."""
+    mask = ink > level
+    if min(ink.shape) < MIN_RULED:
+        return torch.zeros_like(mask)
+    across, width_across = printed_lines(ink, mask)
+    down, width_down = printed_lines(ink.T, mask.T)
+    down = down.T
+    # the soft edge of a ruling's line that runs just outside the image
+    across[:width_across], across[across.shape[0] - width_across :] = True, True
+    down[:, :width_down], down[:, down.shape[1] - width_down :] = True, True
+    writing = mask & ~across & ~down
+    # a line's pixel is the writing's where the writing goes on just beyond the line's width, on either side
+    meets_across = shifted(writing, width_across + 1, 0) | shifted(writing, -width_across - 1, 0)
+    meets_down = shifted(writing, width_down + 1, 1) | shifted(writing, -width_down - 1, 1)
+    return (across & ~meets_across) | (down & ~meets_down)
+
+
+def printed_lines(ink: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The near-horizontal printed lines of an ink mask, and the widest one's width in pixels.
+
+    At the tilt (up to RULE_TILT degrees) where lines stand out most, the bands of lines-through-the-image
+    that ink covers for RULE_COVER of their length and at most RULE_WIDTH of the image's height (or 2 pixels)
+    wide. Two or more are a ruling; one alone (a ruled sheet's one line in the picture, or a digit's bar on a
+    tight crop) only where it is fainter than the writing, as printed lines are, or nothing else is written."""
+    h, w = mask.shape
+    none = torch.zeros_like(mask)
+    edge = max(2, w // 20)
+    if not (mask[:, :edge].any() and mask[:, -edge:].any()):  # no line crosses from one side to the other
+        return none, 0
+    step = 1 + w // 512  # every step-th column measures a line's coverage as well as all of them
+    rows, cols = mask[:, ::step].nonzero(as_tuple=True)
+    cols = cols * step
+    columns = torch.arange(0, w, step)
+
+    def measured(tilts: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """For each tilt: its score (more lines, then sharper ones) and which lines are printed."""
+        slopes = torch.tensor(tilts).deg2rad().tan()[:, None]
+        pad = math.ceil(w * slopes.abs().max().item()) + 1
+        n = h + 2 * pad
+        each = torch.arange(len(tilts))[:, None]
+        lines = (rows - cols * slopes).round().long() + pad  # the line through each pixel, where it meets column 0
+        covered = torch.bincount((lines + each * n).flatten(), minlength=len(tilts) * n).view(-1, n).float()
+        starts = (-columns * slopes).round().long() + pad + each * (n + 1)  # column c crosses lines starts..+h-1
+        size = len(tilts) * (n + 1)
+        enter, leave = (torch.bincount(at.flatten(), minlength=size)[:size] for at in (starts, starts + h))
+        length = (enter - leave).view(-1, n + 1).cumsum(1)[:, :n].float()  # how many columns each line crosses
+        coverage = covered / length.clamp(min=1)
+        across = torch.where(length >= len(columns) / 4, coverage, 0)  # the tilt is chosen on lines across
+        scores = (across >= RULE_COVER).sum(1) + across.pow(4).mean(1)
+        # a line that leaves the image near a corner counts too, at the tilt of those that cross it
+        return scores, (coverage >= RULE_COVER) & (length >= 4), slopes[:, 0], pad
+
+    tilts = [float(t) for t in range(-RULE_TILT, RULE_TILT + 1)]  # a degree apart, then finer about the best
+    for half in (0.5, 0.25):
+        best = tilts[int(measured(tilts)[0].argmax())]
+        tilts = [best - half, best, best + half]
+    scores, printed_at, slopes, pad = measured(tilts)
+    on, slope = printed_at[int(scores.argmax())], slopes[int(scores.argmax())].item()
+    edges = torch.diff(on.int(), prepend=torch.zeros(1, dtype=torch.int), append=torch.zeros(1, dtype=torch.int))
+    starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
+    thin = (ends - starts) <= max(2, round(RULE_WIDTH * h))
+    printed = torch.zeros_like(on)
+    for start, end in zip(starts[thin].tolist(), ends[thin].tolist(), strict=True):
+        printed[max(start - 1, 0) : end + 1] = True  # and its soft edges, which ink covers less
+    found = printed[(torch.arange(h)[:, None] - torch.arange(w)[None, :] * slope).round().long() + pad]
+    if thin.sum() == 1:
+        writing = ink[mask & ~found]
+        writing = writing[:: 1 + len(writing) // 1_000_000]  # a quantile of a million pixels is as good
+        if len(writing) and ink[mask & found].median() > RULE_FAINT * writing.quantile(0.9):
+            return none, 0
+    return found, int((ends - starts)[thin].max()) + 2 if thin.any() else 0
+
+
+def shifted(mask: torch.Tensor, by: int, dim: int) -> torch.Tensor:
+    """A mask moved `by` pixels along `dim`, what moves in from outside False."""
+    out = torch.zeros_like(mask)
+    n = mask.shape[dim]
+    if abs(by) >= n:
+        return out
+    if by >= 0:
+        out.narrow(dim, by, n - by).copy_(mask.narrow(dim, 0, n - by))
+    else:
+        out.narrow(dim, 0, n + by).copy_(mask.narrow(dim, -by, n + by))
+    return out
 
 
 def border_median(x: torch.Tensor) -> float:

@@ -47,15 +47,31 @@ CORRUPTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def photographed(ink: torch.Tensor, shadow: float, noise: float, generator: torch.Generator) -> torch.Tensor:
+RULINGS = {"plain": (), "ruled": ((0, 144),), "squared": ((0, 48), (90, 48))}  # lines: (direction°, spacing px)
+
+
+def photographed(
+    ink: torch.Tensor, shadow: float, noise: float, generator: torch.Generator, paper: str = "plain"
+) -> torch.Tensor:
     """A 28×28 white-on-black digit as a phone photo of it written on paper: dark ink 112 pixels tall on a
     192-pixel sheet (paper 0.9, the ink taking 85% of the light), the light falling off by `shadow` from one
-    side of the sheet to the other in a random direction, and camera noise of standard deviation `noise`."""
+    side of the sheet to the other in a random direction, and camera noise of standard deviation `noise`.
+
+    `paper="ruled"` prints lines 144 pixels apart (a line under a digit 3/4 of their spacing tall, as in a
+    ruled notebook); `"squared"`, a grid of 48-pixel squares (a digit over two squares and a bit); each line
+    about 2 pixels wide and taking 30% of the light, the ruling turned by up to 3° and shifted at random."""
     big = F.pad(F.interpolate(ink[None, None], size=(112, 112), mode="bilinear")[0, 0], (40, 40, 40, 40))
     angle = 2 * math.pi * torch.rand((), generator=generator).item()
     v, u = torch.linspace(-1, 1, 192)[:, None], torch.linspace(-1, 1, 192)[None, :]
     across = (math.cos(angle) * u + math.sin(angle) * v) / math.sqrt(2)  # -1 to 1 from one corner to the other
     page = 0.9 * (1 - shadow * (0.5 + 0.5 * across)) * (1 - 0.85 * big)
+    rows, cols = torch.arange(192.0)[:, None], torch.arange(192.0)[None, :]
+    tilt = math.radians(3 * (2 * torch.rand((), generator=generator).item() - 1)) if RULINGS[paper] else 0.0
+    for direction, spacing in RULINGS[paper]:
+        turn = tilt + math.radians(direction)
+        across_lines = rows * math.cos(turn) - cols * math.sin(turn) + spacing * torch.rand((), generator=generator)
+        off = (across_lines / spacing - (across_lines / spacing).round()).abs() * spacing  # pixels to the nearest
+        page = page * (1 - 0.3 * (1.5 - off).clamp(0, 1))
     return (page + noise * torch.randn(page.shape, generator=generator)).clamp(0, 1)
 
 
