@@ -97,7 +97,8 @@ def model_view(x: torch.Tensor, box: int, by_mass: bool) -> torch.Tensor:
 
     A 28×28 image is taken as it is (the datasets' own format); any other size is framed the way the
     dataset's own images were (`frame`), its paper taken off first: light falling off across a photographed
-    sheet is not ink. Raises `DigitsError` where no ink stands out from the paper.
+    sheet is not ink, nor are the lines of a ruled or squared sheet. Raises `DigitsError` where no ink stands
+    out from the paper.
     """
     if border_median(x) > 0.5:  # dark ink on light paper: flip to MNIST's white on black
         x = 1 - x
@@ -167,9 +168,10 @@ def frame(ink: torch.Tensor, box: int, by_mass: bool, noise: float = 0.0) -> tor
     contrast = max(ink.max().item(), 1e-6)
     grain = NOISE * noise / contrast
     ink = (ink / contrast).clamp(0, 1)
+    lines = ruled_lines(ink, max(INK, grain))  # on the grain too: a faint line in a shadow has gaps without it
     if grain > 0:
         ink = torch.where(ink > grain, ink, 0)
-    ink = torch.where(ruled_lines(ink, max(INK, grain)), 0, ink)
+    ink = torch.where(lines, 0, ink)
     rows, cols = (ink > INK).nonzero(as_tuple=True)
     if grain > 0:
         # a noise pixel alone can pass the grain's bar in a large photo; its 3×3 neighbourhood's mean cannot
@@ -202,12 +204,12 @@ def ruled_lines(ink: torch.Tensor, level: float) -> torch.Tensor:
     """The pixels of white-on-black ink (full contrast) that are a ruled or squared sheet's printed lines where
     no writing crosses or runs along them: straight lines across the whole image, near-horizontal or
     near-vertical, thin beside it (`printed_lines`). Where the writing meets a line, the line's pixels stay,
-    so no stroke is cut. Pixels over `level` are ink."""
+    so no stroke is cut. Pixels over `level` are ink; a line is followed down to half of it."""
     mask = ink > level
     if min(ink.shape) < MIN_RULED:
         return torch.zeros_like(mask)
-    across, width_across = printed_lines(ink, mask)
-    down, width_down = printed_lines(ink.T, mask.T)
+    across, width_across = printed_lines(ink, level) if reaches_across(mask) else (torch.zeros_like(mask), 0)
+    down, width_down = printed_lines(ink.T, level) if reaches_across(mask.T) else (torch.zeros_like(mask.T), 0)
     down = down.T
     # the soft edge of a ruling's line that runs just outside the image
     across[:width_across], across[across.shape[0] - width_across :] = True, True
@@ -219,25 +221,32 @@ def ruled_lines(ink: torch.Tensor, level: float) -> torch.Tensor:
     return (across & ~meets_across) | (down & ~meets_down)
 
 
-def printed_lines(ink: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The near-horizontal printed lines of an ink mask, and the widest one's width in pixels.
+def reaches_across(mask: torch.Tensor) -> bool:
+    """Whether ink reaches both the left and the right edge, as a line across the image does."""
+    edge = max(2, mask.shape[1] // 20)
+    return bool(mask[:, :edge].any() and mask[:, -edge:].any())
+
+
+def printed_lines(ink: torch.Tensor, level: float) -> tuple[torch.Tensor, int]:
+    """The near-horizontal printed lines of white-on-black ink (full contrast, ink over `level`), and the
+    widest one's width in pixels.
 
     At the tilt (up to RULE_TILT degrees) where lines stand out most, the bands of lines-through-the-image
-    that ink covers for RULE_COVER of their length and at most RULE_WIDTH of the image's height (or 2 pixels)
-    wide. Two or more are a ruling; one alone (a ruled sheet's one line in the picture, or a digit's bar on a
-    tight crop) only where it is fainter than the writing, as printed lines are, or nothing else is written."""
-    h, w = mask.shape
+    that ink covers (down to half of `level`: a faint line in a shadow has gaps at the full level) for
+    RULE_COVER of their length and at most RULE_WIDTH of the image's height (or 2 pixels) wide, and their
+    soft edges. Two or more are a ruling; one alone (a ruled sheet's one line in the picture, or a digit's bar
+    on a tight crop) only where it is fainter than the writing, as printed lines are, or nothing else is
+    written."""
+    h, w = ink.shape
+    mask = ink > level
     none = torch.zeros_like(mask)
-    edge = max(2, w // 20)
-    if not (mask[:, :edge].any() and mask[:, -edge:].any()):  # no line crosses from one side to the other
-        return none, 0
     step = 1 + w // 512  # every step-th column measures a line's coverage as well as all of them
-    rows, cols = mask[:, ::step].nonzero(as_tuple=True)
+    rows, cols = (ink[:, ::step] > level / 2).nonzero(as_tuple=True)
     cols = cols * step
     columns = torch.arange(0, w, step)
 
     def measured(tilts: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """For each tilt: its score (more lines, then sharper ones) and which lines are printed."""
+        """For each tilt: its score and which lines are printed."""
         slopes = torch.tensor(tilts).deg2rad().tan()[:, None]
         pad = math.ceil(w * slopes.abs().max().item()) + 1
         n = h + 2 * pad
@@ -250,7 +259,7 @@ def printed_lines(ink: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
         length = (enter - leave).view(-1, n + 1).cumsum(1)[:, :n].float()  # how many columns each line crosses
         coverage = covered / length.clamp(min=1)
         across = torch.where(length >= len(columns) / 4, coverage, 0)  # the tilt is chosen on lines across
-        scores = (across >= RULE_COVER).sum(1) + across.pow(4).mean(1)
+        scores = across.pow(4).mean(1)  # the tilt that gathers the lines into the fewest, fullest ones
         # a line that leaves the image near a corner counts too, at the tilt of those that cross it
         return scores, (coverage >= RULE_COVER) & (length >= 4), slopes[:, 0], pad
 
