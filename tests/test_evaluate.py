@@ -92,16 +92,19 @@ def test_predict_on_a_png_matches_the_tensor_and_reports_bad_files(trained, data
     sheet.save(tmp_path / "sheet.png")
     alpha = Image.fromarray(raw[0].numpy()).resize((84, 84))  # black strokes on a transparent canvas
     Image.merge("RGBA", (*[Image.new("L", (84, 84), 0)] * 3, alpha)).save(tmp_path / "drawn.png")
+    # written on squared paper, photographed in uneven light
+    squared = photographed(raw[0].float() / 255, 0.3, 0.02, torch.Generator().manual_seed(0), "squared")
+    Image.fromarray((255 * squared).round().byte().numpy()).save(tmp_path / "squared.png")
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
-    names = ("digit.png", "paper.jpg", "sheet.png", "drawn.png", "notes.txt", "empty.png")
+    names = ("digit.png", "paper.jpg", "sheet.png", "drawn.png", "squared.png", "notes.txt", "empty.png")
     inputs = "inputs=[" + ",".join(str(tmp_path / name) for name in names) + "]"
     done = run_script("predict.py", f"ckpt_path={ckpt}", "test_index=0", inputs, "--json", log_dir=log_dir)
     assert done.returncode == 1  # some inputs failed; the others still got answers
     rows = {Path(r["input"]).name: r for r in json.loads(done.stdout)}
     assert rows["digit.png"]["label"] == rows["test[0]"]["label"]
     assert rows["digit.png"]["probability"] == pytest.approx(rows["test[0]"]["probability"], abs=1e-4)
-    for name in ("paper.jpg", "sheet.png", "drawn.png"):
+    for name in ("paper.jpg", "sheet.png", "drawn.png", "squared.png"):
         assert rows[name]["label"] == rows["test[0]"]["label"], name
     assert "not a readable image" in rows["notes.txt"]["error"]
     assert "the file is empty" in rows["empty.png"]["error"]
