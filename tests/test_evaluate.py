@@ -148,6 +148,16 @@ def test_a_shadow_across_the_sheet_and_camera_noise_are_paper_not_ink(data_dir):
     assert sum(differences) / len(differences) < 0.05  # 0.11 when the paper was one tone, its shade taken for ink
 
 
+def test_dark_ink_on_a_dim_sheet_is_ink(data_dir):
+    """A photo of dark ink on a sheet so dim that its border is darker than mid-grey (a grey sheet, a dark
+    room) is still dark ink on paper, framed as the same digit on white paper."""
+    raw = shipped("mnist", data_dir=data_dir).dataset_cls(str(data_dir), train=False)
+    big = torch.nn.functional.interpolate(raw.data[:3, None].float() / 255, size=(112, 112), mode="bilinear")
+    for ink in torch.nn.functional.pad(big[:, 0], (40, 40, 40, 40)):
+        dim, white = 0.45 - 0.35 * ink, 1 - ink
+        assert torch.allclose(model_view(dim, 20, True), model_view(white, 20, True), atol=1e-4)
+
+
 @pytest.mark.parametrize("paper", ["ruled", "squared"])
 def test_the_lines_of_ruled_and_squared_paper_are_paper_not_ink(data_dir, paper):
     """A digit photographed on ruled or squared paper (lines turned by up to 3°, some across the digit) is framed

@@ -100,9 +100,15 @@ def model_view(x: torch.Tensor, box: int, by_mass: bool) -> torch.Tensor:
     sheet is not ink, nor are the lines of a ruled or squared sheet. Raises `DigitsError` where no ink stands
     out from the paper.
     """
-    if border_median(x) > 0.5:  # dark ink on light paper: flip to MNIST's white on black
+    tone = border_median(x)
+    if tone > 0.5:  # dark ink on light paper: flip to MNIST's white on black
         x = 1 - x
     paper, noise = paper_under(x)
+    if 0.25 < tone < 0.75:  # a grey sheet, or a light one in shadow: the ink is what stands out the most
+        other = 1 - x
+        other_paper, other_noise = paper_under(other)
+        if (other - other_paper).max() > (x - paper).max():
+            x, paper, noise = other, other_paper, other_noise
     ink = x - paper
     if ink.max().item() < max(INK, NOISE * noise):
         raise DigitsError("no ink found: the image is blank or has no contrast")
