@@ -285,7 +285,8 @@ def printed_lines(ink: torch.Tensor, level: float) -> tuple[torch.Tensor, int]:
     if thin.sum() == 1:
         writing = ink[mask & ~found]
         writing = writing[:: 1 + len(writing) // 1_000_000]  # a quantile of a million pixels is as good
-        if len(writing) and ink[mask & found].median() > RULE_FAINT * writing.quantile(0.9):
+        lined = ink[mask & found]  # none where the line is fainter than the bar for ink throughout
+        if len(writing) and len(lined) and lined.median() > RULE_FAINT * writing.quantile(0.9):
             return none, 0
     return found, int((ends - starts)[thin].max()) + 2 if thin.any() else 0
 
