@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.02, help="the camera noise's standard deviation")
     parser.add_argument("--size", type=int, default=1000, help="validation digits, the first of the split")
     args = parser.parse_args()
+    papers = args.papers.split(",")
+    if unknown := [p for p in papers if p not in RULINGS]:
+        raise DigitsError(f"--papers {','.join(unknown)} is not allowed; expected any of {', '.join(RULINGS)}")
 
     root = Path(os.environ["DIGITS_ROOT"])
     paths = OmegaConf.create({"data_dir": str(root / "data"), "log_dir": str(root / "logs")})
@@ -62,9 +65,6 @@ def main() -> None:
         missed = f" ({len(labels) - len(seen)} no ink)" if len(seen) < len(labels) else ""
         return f"{accuracy(torch.stack(views), torch.tensor(seen)) if views else 0.0:.1f}{missed}"
 
-    papers = args.papers.split(",")
-    if unknown := [p for p in papers if p not in RULINGS]:
-        raise DigitsError(f"--papers {','.join(unknown)} is not allowed; expected any of {', '.join(RULINGS)}")
     print(f"{len(labels)} validation digits of {args.checkpoint}, camera noise {args.noise}")
     print(f"as the dataset holds them: {accuracy(ink, torch.arange(len(labels))):.1f}%\n")
     print("| shadow | " + " | ".join(papers) + " |\n|---|" + "---:|" * len(papers))

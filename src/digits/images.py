@@ -278,6 +278,8 @@ def printed_lines(ink: torch.Tensor, level: float) -> tuple[torch.Tensor, int]:
     edges = torch.diff(on.int(), prepend=torch.zeros(1, dtype=torch.int), append=torch.zeros(1, dtype=torch.int))
     starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
     thin = (ends - starts) <= max(2, round(RULE_WIDTH * h))
+    if not thin.any():
+        return none, 0
     printed = torch.zeros_like(on)
     for start, end in zip(starts[thin].tolist(), ends[thin].tolist(), strict=True):
         printed[max(start - 1, 0) : end + 1] = True  # and its soft edges, which ink covers less
@@ -288,7 +290,7 @@ def printed_lines(ink: torch.Tensor, level: float) -> tuple[torch.Tensor, int]:
         lined = ink[mask & found]  # none where the line is fainter than the bar for ink throughout
         if len(writing) and len(lined) and lined.median() > RULE_FAINT * writing.quantile(0.9):
             return none, 0
-    return found, int((ends - starts)[thin].max()) + 2 if thin.any() else 0
+    return found, int((ends - starts)[thin].max()) + 2
 
 
 def shifted(mask: torch.Tensor, by: int, dim: int) -> torch.Tensor:

@@ -165,9 +165,9 @@ def job_attributes(ret: JobReturn, searched: dict[str, Any]) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, KeyError):  # none for a trial failed or pruned before the end
         metrics = json.loads((run / "metrics.json").read_text())
         for split, measured in metrics.get("robustness", {}).items():
-            attrs |= {f"{split}_robust": measured["mean"]} | (
-                {f"{split}_fonts": measured["fonts"]} if "fonts" in measured else {}
-            )
+            attrs[f"{split}_robust"] = measured["mean"]
+            if "fonts" in measured:
+                attrs[f"{split}_fonts"] = measured["fonts"]
         if "test_acc" in metrics:  # a sweep run with test=true
             attrs["test_acc"] = metrics["test_acc"]
     fixed = hyperparameters(ret.cfg, ret.hydra_cfg.hydra.runtime.choices)
