@@ -17,10 +17,11 @@ os.environ.setdefault("DIGITS_ROOT", str(Path(__file__).resolve().parents[1]))  
 import torch
 from omegaconf import OmegaConf
 
+from digits.artifacts import load_run
 from digits.config import build
 from digits.errors import DigitsError
-from digits.evaluate import load_model, load_run
 from digits.images import model_view
+from digits.predict import load_net
 from digits.robustness import RULINGS, photographed
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     root = Path(os.environ["DIGITS_ROOT"])
     paths = OmegaConf.create({"data_dir": str(root / "data"), "log_dir": str(root / "logs")})
     cfg, checkpoint = load_run(args.checkpoint, paths)
-    model = load_model(cfg, checkpoint, args.checkpoint)
+    model = load_net(cfg, checkpoint, args.checkpoint)
     data = build(cfg.data, "data")
     data.prepare_data()
     images, labels = data.tensors("val")

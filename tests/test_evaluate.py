@@ -110,6 +110,22 @@ def test_predict_on_a_png_matches_the_tensor_and_reports_bad_files(trained, data
     assert "the file is empty" in rows["empty.png"]["error"]
 
 
+def test_predicting_images_imports_neither_lightning_nor_torchvision(trained, data_dir, tmp_path):
+    """Importing them took half of predict.py's start-up: the net and what its dataset's images are (classes,
+    normalisation, framing) come from the checkpoint."""
+    ckpt, _, _ = trained
+    raw = shipped("mnist", data_dir=data_dir).dataset_cls(str(data_dir), train=False).data
+    Image.fromarray(raw[0].numpy()).save(tmp_path / "digit.png")
+    cmd = [sys.executable, "-X", "importtime", str(ROOT / "predict.py"), f"ckpt_path={ckpt}", "digit.png", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads(done.stdout)) == 1
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
+    assert {"torch", "digits.predict", "digits.images"} <= imported
+    heavy = {"lightning", "lightning_fabric", "torchmetrics", "torchvision", "matplotlib", "optuna"}
+    assert not heavy & {name.split(".")[0] for name in imported}
+
+
 def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
     done = run_script("eval.py", f"ckpt_path={tmp_path}/none.ckpt", log_dir=tmp_path / "logs")
     assert done.returncode != 0 and "Traceback" not in done.stderr

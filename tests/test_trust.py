@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import ROOT, run_train, train_command
 from digits.artifacts import RECORD, load_checkpoint
@@ -129,6 +131,7 @@ def test_a_payload_hidden_in_a_real_run_is_refused_by_eval_and_predict(trained, 
         ("eval.py", "optimizer", {"_target_": "torch.load", "f": "VICTIM", "weights_only": False}),
         ("predict.py", "model", {"_target_": "digits.models.MLP", "x": {"_target_": "os.remove", "path": "VICTIM"}}),
         ("eval.py", "data", {"_target_": "torch.nn.Linear", "in_features": 1, "out_features": 1}),
+        ("predict.py", "data", {"_target_": "torch.nn.Linear", "in_features": 1, "out_features": 1}),
     ],
 )
 def test_a_checkpoint_whose_config_names_a_function_is_refused(trained, tmp_path, script, key, node):
@@ -145,6 +148,36 @@ def test_a_checkpoint_whose_config_names_a_function_is_refused(trained, tmp_path
     line = one_line_error(run_script(script, f"ckpt_path={hostile}", *extra, log_dir=tmp_path / "logs"))
     assert f"is refused: its config builds {key} with " in line and "nothing was built from it" in line
     assert victim.read_text() == "still here"
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "message"),
+    [
+        (
+            "data",
+            "classes",
+            "0123456789",
+            "its data.classes='0123456789' is not allowed; expected a list of two or more",
+        ),
+        ("data", "mean", 7.0, "its data.mean=7.0 is not allowed; expected the pixels' mean in [0, 1]"),
+        ("config", "frame_box", 99, "its data.frame_box=99 is not allowed; expected a side from 1 to 28 pixels"),
+        ("data", "classes", ["a", "b", "c"], "is refused: its model scores 10 classes, its data has 3"),
+    ],
+)
+def test_a_checkpoint_whose_record_misdescribes_its_images_is_refused_by_predict(
+    trained, tmp_path, where, key, value, message
+):
+    """predict.py takes the classes, normalisation and framing from the checkpoint's record: checked, as all of it."""
+    ckpt, _ = trained
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    record = checkpoint[RECORD]
+    (record["data"] if where == "data" else record["config"]["data"])[key] = value
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, hostile)
+    image = tmp_path / "blot.png"
+    Image.fromarray(np.pad(np.full((8, 4), 255, np.uint8), 10)).save(image)
+    line = one_line_error(run_script("predict.py", f"ckpt_path={hostile}", str(image), log_dir=tmp_path / "logs"))
+    assert message in line
 
 
 def test_a_checkpoint_copied_alone_is_evaluated_and_predicted(trained, tmp_path):

@@ -10,14 +10,16 @@ import pickle
 import platform
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from digits.errors import DigitsError
+from digits.errors import DigitsError, named_class
 
 RECORD = "digits"  # the checkpoint key holding the run's resolved config, dataset and package versions
 
@@ -66,6 +68,71 @@ def check_weights(path: str | Path, checkpoint: dict[str, Any], state: dict[str,
         raise DigitsError(
             f"ckpt_path={str(path)!r} holds a different model than model=… here (first differences: {diff})"
         )
+
+
+# What a checkpoint's config may build, key by key: classes of these kinds only. Hydra's own blocklist stops
+# os.system, but a config could as well name pathlib.Path.unlink, torch.load or torch.hub.load.
+BUILDS = {
+    "model": "torch.nn.Module",
+    "optimizer": "torch.optim.Optimizer",
+    "scheduler": "torch.optim.lr_scheduler.LRScheduler",
+    "data": "lightning.LightningDataModule",  # imported only to check a data node: predict builds none
+}
+
+
+def load_run(
+    ckpt_path: str | Path, paths: DictConfig, builds: Iterable[str] = tuple(BUILDS)
+) -> tuple[DictConfig, dict[str, Any]]:
+    """A checkpoint (loaded safely) and the config of the run that wrote it: from the checkpoint itself, or
+    for checkpoints older than that record, from the run's `.hydra/config.yaml` two folders up. The config's
+    `builds` keys are checked (`check_targets`): those the caller will build."""
+    checkpoint = load_checkpoint(ckpt_path)
+    config = checkpoint_record(checkpoint).get("config")
+    if config:
+        cfg = OmegaConf.create(config)
+    else:
+        saved = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+        if not saved.is_file():
+            raise DigitsError(
+                f"ckpt_path={str(ckpt_path)!r} carries no config and has no {saved} beside it; "
+                "expected a checkpoint of a digits run"
+            )
+        cfg = OmegaConf.load(saved)
+    check_targets(cfg, ckpt_path, builds)
+    cfg.paths = paths  # this machine's data and log dirs, not those of the run's
+    cfg.data.data_dir = paths.data_dir
+    return cfg, checkpoint
+
+
+def check_targets(cfg: DictConfig, ckpt_path: str | Path, keys: Iterable[str]) -> None:
+    """Every `_target_` under the `keys` of a checkpoint's config, nested ones included, names a class of the
+    kind its key builds (`BUILDS`), outside the standard library: a checkpoint from someone else cannot make
+    eval or predict call a function."""
+    from hydra.utils import get_object
+
+    for key in keys:
+        try:
+            node = OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+        except OmegaConfBaseException as err:
+            raise DigitsError(f"ckpt_path={str(ckpt_path)!r} has a config whose {key} cannot be read ({err})") from None
+        for target in targets(node):
+            if named_class(target, get_object(BUILDS[key])) is None:
+                raise DigitsError(
+                    f"ckpt_path={str(ckpt_path)!r} is refused: its config builds {key} with {target!r}, which is "
+                    f"not a {BUILDS[key]} class; nothing was built from it"
+                )
+
+
+def targets(node: Any) -> Iterable[Any]:
+    """The `_target_` values anywhere in a config container."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node["_target_"]
+        for value in node.values():
+            yield from targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from targets(value)
 
 
 def package_versions() -> dict[str, str]:

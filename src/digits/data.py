@@ -22,7 +22,8 @@ from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity
 
 from digits.augment import Augment
-from digits.errors import DigitsError, is_int, is_number, named_class, require
+from digits.errors import DigitsError, is_int, named_class, require
+from digits.images import ImageSpec
 
 LOADERS = ("device", "torch")
 
@@ -170,10 +171,7 @@ class DigitsDataModule(L.LightningDataModule):
         require(loader in LOADERS, "loader", loader, f"one of {list(LOADERS)}")
         require(isinstance(num_workers, int) and num_workers >= 0, "num_workers", num_workers, "an integer ≥ 0")
         self.dataset_cls = _dataset_class(dataset)
-        require(is_number(mean) and 0 <= mean <= 1, "mean", mean, "the pixels' mean in [0, 1]")
-        require(is_number(std) and 0 < std <= 1, "std", std, "the pixels' standard deviation in (0, 1]")
-        ok_box = isinstance(frame_box, int) and 1 <= frame_box <= 28
-        require(ok_box, "frame_box", frame_box, "a side from 1 to 28 pixels")
+        self.spec = ImageSpec(list(self.dataset_cls.classes), mean, std, frame_box, frame_by_mass)  # checks them
         _check_count("train_pool", train_pool)
         self.mean, self.std, self.frame_box, self.frame_by_mass = float(mean), float(std), frame_box, frame_by_mass
         self.augment = Augment(**augment, fill=-self.mean / self.std)

@@ -26,8 +26,8 @@ def train_app(cfg: DictConfig) -> float:
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @task
 def eval_app(cfg: DictConfig) -> None:
-    from digits.artifacts import discarded_on_error
-    from digits.evaluate import evaluate, load_run, per_class_table
+    from digits.artifacts import discarded_on_error, load_run
+    from digits.evaluate import evaluate, per_class_table
 
     out_dir = Path(cfg.paths.output_dir)
     with discarded_on_error(out_dir, Path(cfg.paths.log_dir)):
@@ -48,7 +48,7 @@ def eval_app(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 @task
 def predict_app(cfg: DictConfig) -> None:
-    from digits.evaluate import labelled_accuracy, prediction_table, run_predict
+    from digits.predict import labelled_accuracy, prediction_table, run_predict
 
     rows = run_predict(cfg, EXTRA_INPUTS)
     if cfg.format == "json":

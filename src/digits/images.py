@@ -6,7 +6,8 @@ import io
 import math
 import stat
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from digits.errors import DigitsError
+from digits.errors import DigitsError, is_int, is_number, require
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
 MAX_PIXELS = 40_000_000  # a phone photo is 12-50 MP; beyond this a file is refused before it is decoded
@@ -26,6 +27,34 @@ RULE_WIDTH = 0.025  # a printed line is at most this share of the image's height
 RULE_FAINT = 0.6  # one printed line alone is at most this share of the writing's darkness (a stroke is not)
 RULE_TILT = 4  # degrees: a ruled line on a photo taken a little askew
 NOISE = 5  # ink stands this many times the paper's noise above it: a pixel of grain does so once in 3.5 million
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a dataset's images are to the models trained on it: the class names, the pixels' mean and std they
+    are normalised by, and how its makers framed each object in 28×28 (scaled into a `frame_box`-pixel box,
+    centred by its centre of mass or else by that box). The values are checked: they may come from a
+    checkpoint."""
+
+    classes: Sequence[str]
+    mean: float
+    std: float
+    frame_box: int = 20
+    frame_by_mass: bool = True
+
+    def __post_init__(self) -> None:
+        named = isinstance(self.classes, list | tuple) and all(isinstance(c, str) for c in self.classes)
+        require(named and len(self.classes) >= 2, "classes", self.classes, "a list of two or more class names")
+        require(is_number(self.mean) and 0 <= self.mean <= 1, "mean", self.mean, "the pixels' mean in [0, 1]")
+        ok_std = is_number(self.std) and 0 < self.std <= 1
+        require(ok_std, "std", self.std, "the pixels' standard deviation in (0, 1]")
+        ok_box = is_int(self.frame_box) and 1 <= self.frame_box <= 28
+        require(ok_box, "frame_box", self.frame_box, "a side from 1 to 28 pixels")
+        require(isinstance(self.frame_by_mass, bool), "frame_by_mass", self.frame_by_mass, "true or false")
+
+    def model_input(self, views: torch.Tensor) -> torch.Tensor:
+        """Framed 28×28 images in [0, 1] (`model_view`'s) as a batch the model takes: normalised, one channel."""
+        return ((views - self.mean) / self.std).unsqueeze(1)
 
 
 def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
