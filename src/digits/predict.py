@@ -1,6 +1,6 @@
 """Predict with any checkpoint of a digits run, on image files, folders of them or test images. The net and
-what its dataset's images are (classes, normalisation, framing) come from the checkpoint, so a prediction
-needs neither Lightning nor torchvision, and starts in about half the time an import of them takes."""
+what its dataset's images are (classes, normalisation, framing) come from the checkpoint, so predicting
+images imports neither Lightning nor torchvision: they took half of predict.py's start-up."""
 
 import sys
 from collections.abc import Iterable, Sequence
