@@ -137,7 +137,7 @@ def precision_ratio(
             seconds[dtype].append((time.perf_counter() - start) / steps)
     fp32, bf16 = (sorted(seconds[d])[blocks // 2] for d in loops)
     row = {"preset": preset, "batch": cfg.data.batch_size, "fp32_step_s": fp32, "bf16_step_s": bf16}
-    row["auto"] = auto_precision(args.device, cfg.model._target_)
+    row["auto"] = auto_precision(args.device, cfg.model._target_, cfg.cpu_bf16)
     print(f"{preset:12s} bf16/fp32 per step {bf16 / fp32:.2f}")
     return row
 

@@ -210,6 +210,10 @@ def test_default_trainer_picks_bf16_from_what_the_cpu_reports_for_conv_nets(make
     # an MLP trains faster in fp32 on any CPU (README), bf16 hardware or not
     assert train(make_cfg("model=mlp", "debug=quick", "logger=none"))["precision"] == "32-true"
     assert make_cfg("trainer=cpu").trainer.precision == "32-true"  # the plain-fp32 CPU trainer stays so
+    # a preset not measured in bf16 on a CPU trains there in fp32, and takes bf16 on a GPU or when asked
+    assert make_cfg("experiment=bn_cnn").trainer.precision == "32-true"
+    assert make_cfg("experiment=bn_cnn", "trainer=gpu").trainer.precision == "bf16-mixed"
+    assert make_cfg("model=cnn", "cpu_bf16=false").trainer.precision == "32-true"
 
 
 @pytest.mark.slow

@@ -33,18 +33,26 @@ def test_torch_dataloader_path_trains(make_cfg):
 def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
     log_dir = tmp_path / "logs"
     done = run_train(
-        "model=cnn", "data=fashion", "debug=quick", "trainer.max_epochs=2", log_dir=log_dir, data_dir=data_dir
+        "model=cnn",
+        "data=fashion",
+        "debug=quick",
+        "trainer.max_epochs=2",
+        "cpu_bf16=false",
+        log_dir=log_dir,
+        data_dir=data_dir,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (metrics_file,) = log_dir.glob("runs/*/*/metrics.json")
     run_dir = metrics_file.parent
     # the command line's keys first (TensorBoard cuts names at the end), then the rest of what the run is
-    assert run_dir.parent.name == "fashion_cnn_ep2_h120-84_k5_bs128_adam0.002_seed0"
+    # (a top-level key by its name and value, a group by its choice)
+    assert run_dir.parent.name == "fashion_cnn_ep2_cpu_bf16-False_h120-84_k5_bs128_adam0.002_seed0"
     metrics = json.loads(metrics_file.read_text())
     assert metrics["params"] == 44_426 and metrics["epochs"] == 2 and metrics["data"] == "FashionMNIST"
     assert metrics["test_acc"] > 0.5, metrics
     assert metrics["test_error_pct"] == pytest.approx(100 * (1 - metrics["test_acc"]))
     assert {"device", "precision", "train_seconds", "test_loss", "best_val_acc"} <= metrics.keys()
+    assert metrics["precision"] == "32-true" or metrics["device"].startswith("cuda")
     robust = metrics["robustness"]["test"]  # the suite on the tested checkpoint; no font digits for clothes
     assert set(robust) == {*CORRUPTIONS, "mean"} and robust["mean"] == pytest.approx(
         sum(robust[name] for name in CORRUPTIONS) / len(CORRUPTIONS)

@@ -41,15 +41,16 @@ def cpu_has_fast_bf16(capabilities: Mapping[str, Any] | None = None) -> bool:
     return any(caps.get(flag) for flag in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def auto_precision(accelerator: str = "auto", model: str | None = None) -> str:
+def auto_precision(accelerator: str = "auto", model: str | None = None, cpu_bf16: bool = True) -> str:
     """bf16 autocast on the trainer's device where it computes bf16 in hardware (a GPU with bf16, a CPU with
     `cpu_has_fast_bf16`), full fp32 elsewhere. On a CPU an MLP (`model` is the model's `_target_`) stays in
-    fp32: its matmuls are too small for bf16 to repay the casts (0.9-1.4× the fp32 step, README)."""
+    fp32: its matmuls are too small for bf16 to repay the casts (0.9-1.4× the fp32 step, README); so does any
+    model with `cpu_bf16` false (a preset whose accuracy in bf16 on a CPU was not measured)."""
     accelerator = str(accelerator)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fast = accelerator in ("auto", "cpu") and cpu_has_fast_bf16() and model != MLP_TARGET
+    fast = cpu_bf16 and accelerator in ("auto", "cpu") and cpu_has_fast_bf16() and model != MLP_TARGET
     return "bf16-mixed" if fast else "32-true"
 
 
@@ -68,9 +69,9 @@ NAME_TAGS = {  # how a key shows in a run's name
 NAMELESS = ("optuna.", "hydra.", "paths.", "ckpt_path", "test", "logger", "callbacks", "debug", "hparams_search")
 
 
-def name_part(key: str, value: Any) -> str:
-    """One key's piece of a run name: a group's choice as itself, a key by its tag (or last name) and value."""
-    if "." not in key and key not in NAME_TAGS:
+def name_part(key: str, value: Any, choice: bool = False) -> str:
+    """One key's piece of a run name: a group's `choice` as itself, a key by its tag (or last name) and value."""
+    if choice:
         return _tag(value)
     return NAME_TAGS.get(key, key.rsplit(".", 1)[-1] + "-") + _tag(value)
 
@@ -110,7 +111,7 @@ def run_name(*, _root_: DictConfig) -> str:
     sweeps, then the other keys the command line gave, then the rest. Where TensorBoard cuts a name short,
     what sets runs apart still shows; the same command gives the same name whatever its keys' order."""
     cfg, choices = _root_, _root_.hydra.runtime.choices
-    standard = {k: name_part(k, choices.get(k)) for k in ("experiment", "data", "model") if choices.get(k)}
+    standard = {k: name_part(k, choices.get(k), choice=True) for k in ("experiment", "data", "model") if choices.get(k)}
     for key in ("model.hidden_size", "model.kernel_size"):  # a model of one's own may have neither
         if key.split(".")[1] in cfg.model:
             standard[key] = name_part(key, OmegaConf.select(cfg, key))
@@ -126,7 +127,8 @@ def run_name(*, _root_: DictConfig) -> str:
         if "=" in line and not key.startswith(NAMELESS):
             value = choices.get(key) if key in choices else OmegaConf.select(cfg, key, default=None)
             # the optimizer's name with its rate, whichever of the two was given
-            given[key] = standard["optimizer"] if key in ("optimizer", "optimizer.lr") else name_part(key, value)
+            optimizer = key in ("optimizer", "optimizer.lr")
+            given[key] = standard["optimizer"] if optimizer else name_part(key, value, key in choices)
     swept = swept_keys(_root_.hydra)
 
     def rank(key: str) -> tuple[bool, int, str]:
