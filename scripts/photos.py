@@ -49,7 +49,7 @@ def main() -> None:
 
     def accuracy(views: torch.Tensor, seen: torch.Tensor) -> float:
         with torch.no_grad():
-            predicted = model(((views - data.mean) / data.std).unsqueeze(1)).argmax(-1)
+            predicted = model(data.spec.model_input(views)).argmax(-1)
         return 100 * (predicted == labels[seen]).sum().item() / len(labels)
 
     def photos(shadow: float, paper: str) -> str:

@@ -173,8 +173,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.dataset_cls = _dataset_class(dataset)
         self.spec = ImageSpec(list(self.dataset_cls.classes), mean, std, frame_box, frame_by_mass)  # checks them
         _check_count("train_pool", train_pool)
-        self.mean, self.std, self.frame_box, self.frame_by_mass = float(mean), float(std), frame_box, frame_by_mass
-        self.augment = Augment(**augment, fill=-self.mean / self.std)
+        self.augment = Augment(**augment, fill=-mean / std)
         for key in Augment.DEVICE_ONLY:
             value = getattr(self.augment, key)
             allowed = "0 with loader=torch (it runs on the device loader; augment=shift or none go with either)"
@@ -195,7 +194,23 @@ class DigitsDataModule(L.LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.dataset_cls.classes)
+        return list(self.spec.classes)
+
+    @property
+    def mean(self) -> float:
+        return float(self.spec.mean)
+
+    @property
+    def std(self) -> float:
+        return float(self.spec.std)
+
+    @property
+    def frame_box(self) -> int:
+        return self.spec.frame_box
+
+    @property
+    def frame_by_mass(self) -> bool:
+        return self.spec.frame_by_mass
 
     @property
     def raw_dir(self) -> Path:

@@ -28,12 +28,12 @@ def load_net(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Path)
     return net.eval()
 
 
-def image_spec(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Path) -> ImageSpec:
+def image_spec(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Path, datamodule: Any = None) -> ImageSpec:
     """The run's dataset's classes, normalisation and framing, from the checkpoint's record (a checkpoint older
-    than that record: from the dataset's data module)."""
+    than that record: from the dataset's data module, `datamodule` if one is built already)."""
     data = checkpoint_record(checkpoint).get("data")
     if not isinstance(data, dict):
-        return build_data(cfg, ckpt_path).spec
+        return (datamodule or build_data(cfg, ckpt_path)).spec
     framing = {k: cfg.data.get(k) for k in ("frame_box", "frame_by_mass") if k in cfg.data}
     try:
         return ImageSpec(data.get("classes"), data.get("mean"), data.get("std"), **framing)
@@ -99,12 +99,12 @@ def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[
     predicted in batches; an unreadable or blank image gets an error row and the rest are answered."""
     run_cfg, checkpoint = load_run(cfg.ckpt_path, cfg.paths, builds=["model"])
     net = load_net(run_cfg, checkpoint, cfg.ckpt_path)
-    spec = image_spec(run_cfg, checkpoint, cfg.ckpt_path)
+    datamodule = build_data(run_cfg, cfg.ckpt_path) if cfg.test_index is not None else None
+    spec = image_spec(run_cfg, checkpoint, cfg.ckpt_path, datamodule)
     check_outputs(net, spec, cfg.ckpt_path)
     names = list(spec.classes)
     rows: list[dict[str, Any]] = []
-    if cfg.test_index is not None:
-        datamodule = build_data(run_cfg, cfg.ckpt_path)
+    if datamodule is not None:
         datamodule.prepare_data()
         images, labels = datamodule.load_tensors(train=False)
         indices = parse_test_index(cfg.test_index, len(labels))
