@@ -62,6 +62,12 @@ def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_d
             float(r["test_acc_pct"]) for r in csv_rows if r["run"].startswith(row[0][2:]) and f"wd{row[1]}" in r["run"]
         ]
         assert len(accs) == 2 and float(row[3].split(" ± ")[0]) == pytest.approx(sum(accs) / 2, abs=0.006)
+    table = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| ")]
+    column = table[0].index("precision")
+    for experiment, allowed in (("mlp_8", {"32-true"}), ("lab_cnn", {"32-true", "bf16-mixed"})):
+        recorded = {r["precision"] for r in csv_rows if r["run"].startswith(f"{experiment}_")}
+        shown = {row[column] for row in table if row[0].startswith(f"| `{experiment}`")}
+        assert shown == recorded and len(recorded) == 1 and recorded <= allowed  # an MLP's default is fp32
     for key in ("optimizer.weight_decay", "experiment"):
         assert_real_png(out / f"errorbars_{key}.png")
     assert len(list(out.glob("curves_*.png"))) == 8

@@ -388,22 +388,26 @@ def results_table(root: Path, references: LabFigures) -> str:
             variant = ", ".join(f"{k}={overrides.get(k, '(preset)')}" for k in keys)
             groups[experiment, data, variant].append(run_row(run, root))
     header = ("experiment", "data", "params", "seeds", "test accuracy (mean ± std)", "best", "test error %",
-              "robustness", "fonts", "optimizer, lr", "epochs", "train s", "device", "labs / reference",
-              "verdict")  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|"]
+              "robustness", "fonts", "optimizer, lr", "epochs", "train s", "device", "precision",
+              "labs / reference", "verdict")  # fmt: skip
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|---|",
+    ]
     for (experiment, data, variant), rows in sorted(groups.items(), key=lambda g: (*g[0][:2], value_order(g[0][2]))):
         accs = [r["test_acc_pct"] for r in rows]
         mean = statistics.fmean(accs)
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""  # one seed has no spread to show
         seconds = statistics.fmean(r["train_seconds"] for r in rows)
+        precisions = ", ".join(sorted({r["precision"] for r in rows}))  # more than one only if mixed by hand
         first = rows[0]
         ref = references.get((experiment, data, variant)) or references.get((experiment, data, "*"), {})
         lab, note, bar = ref.get("labs"), ref.get("note", ""), None if variant else ref.get("bar")
         lines.append(
             f"| `{experiment}`{f' {variant}' if variant else ''} | {data} | {first['params']:,} | {len(rows)} | "
             f"{mean:.2f}%{spread} | {max(accs):.2f}% | {100 - mean:.2f} | {mean_pct(rows, 'robust_pct')} | "
-            f"{mean_pct(rows, 'fonts_pct')} | {first['optimizer']}, {first['lr']} "
-            f"| {first['epochs']} | {seconds:.1f} | {first['device']} | {note} | {verdict(mean, lab, bar)} |"
+            f"{mean_pct(rows, 'fonts_pct')} | {first['optimizer']}, {first['lr']} | {first['epochs']} | "
+            f"{seconds:.1f} | {first['device']} | {precisions} | {note} | {verdict(mean, lab, bar)} |"
         )
     return "\n".join(lines) + "\n"
 
