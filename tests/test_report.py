@@ -64,6 +64,9 @@ def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_d
         assert len(accs) == 2 and float(row[3].split(" ± ")[0]) == pytest.approx(sum(accs) / 2, abs=0.006)
     table = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| ")]
     column = table[0].index("precision")
+    lines = results.read_text().splitlines()
+    align = lines[lines.index(" | ".join(table[0])) + 1].strip("|").split("|")  # a cell per column, numbers right
+    assert len(align) == len(table[0]) and (align[table[0].index("params")], align[column]) == ("---:", "---")
     for experiment, allowed in (("mlp_8", {"32-true"}), ("lab_cnn", {"32-true", "bf16-mixed"})):
         recorded = {r["precision"] for r in csv_rows if r["run"].startswith(f"{experiment}_")}
         shown = {row[column] for row in table if row[0].startswith(f"| `{experiment}`")}

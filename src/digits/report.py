@@ -11,7 +11,7 @@ import shutil
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,13 @@ def robust_pct(metrics: dict[str, Any], key: str) -> float | str:
     return ABSENT if value is None else round(100 * value, 2)
 
 
+def table_head(columns: Sequence[str], numeric: Collection[str] = ()) -> list[str]:
+    """A Markdown table's header row and its alignment row, the `numeric` columns aligned right."""
+    return ["| " + " | ".join(columns) + " |", "|" + "".join("---:|" if c in numeric else "---|" for c in columns)]
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = table_head(columns)
     lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -194,7 +199,7 @@ def series_table(runs: list[Path]) -> str:
         m = run_metrics(run)
         groups[tuple(str(p.get(k)) for k in keys)].append({"test": 100 * m["test_acc"], "val": 100 * m["best_val_acc"]})
     header = [*keys, "seeds", "test accuracy %", "best val accuracy %"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table_head(header)
     for values, rows in sorted(groups.items(), key=lambda g: [value_order(f"k={v}") for v in g[0]]):
         cells = [mean_std([r[what] for r in rows]) for what in ("test", "val")]
         lines.append("| " + " | ".join([*values, str(len(rows)), *cells]) + " |")
@@ -390,10 +395,9 @@ def results_table(root: Path, references: LabFigures) -> str:
     header = ("experiment", "data", "params", "seeds", "test accuracy (mean ± std)", "best", "test error %",
               "robustness", "fonts", "optimizer, lr", "epochs", "train s", "device", "precision",
               "labs / reference", "verdict")  # fmt: skip
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|---|",
-    ]
+    numeric = ("params", "seeds", "test accuracy (mean ± std)", "best", "test error %", "robustness", "fonts",
+               "epochs", "train s")  # fmt: skip
+    lines = table_head(header, numeric)
     for (experiment, data, variant), rows in sorted(groups.items(), key=lambda g: (*g[0][:2], value_order(g[0][2]))):
         accs = [r["test_acc_pct"] for r in rows]
         mean = statistics.fmean(accs)
