@@ -38,6 +38,8 @@ def evaluated(trained) -> tuple[dict, Path]:
     ckpt, _, log_dir = trained
     done = run_script("eval.py", f"ckpt_path={ckpt}", log_dir=log_dir)
     assert done.returncode == 0, done.stderr[-2000:]
+    console = (done.stdout + done.stderr).splitlines()  # each of Lightning's notices once, no advertisement
+    assert sum("GPU available" in line for line in console) == 1 and not [line for line in console if "Tip:" in line]
     (eval_json,) = log_dir.glob("eval/*/*/eval.json")
     run = ckpt.parent.parent
     assert eval_json.parent.parent.name == f"{run.parent.name}_{run.name}_{ckpt.stem}", "named after what it evaluated"

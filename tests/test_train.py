@@ -1,13 +1,16 @@
 import csv
 import json
 import math
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import read_events, run_train
+from conftest import read_events, run_train, train_command
 from digits.robustness import CORRUPTIONS
 from digits.train import train
 
@@ -81,6 +84,21 @@ def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
     assert session.hparams["data.batch_size"].number_value == 128
     assert session.hparams["trainer.max_epochs"].number_value == 2 and "max_epochs" not in session.hparams
     assert session.hparams["model.hidden_size"].string_value == "[120, 84]"
+
+
+def test_a_runs_console_shows_each_notice_once_and_no_warning_that_does_not_apply(tmp_path, data_dir):
+    # bf16 by hand, so that the model summary's warning about it would show on any CPU
+    cmd = train_command("model=cnn", "debug=quick", "trainer.precision=bf16-mixed", "logger=none",
+                        log_dir=tmp_path / "logs", data_dir=data_dir)  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = (done.stdout + done.stderr).splitlines()
+    assert not [line for line in console if re.search(r"\.py:\d+: |Warning", line)], console  # a warning's origin
+    assert sum("GPU available" in line for line in console) == 1, console  # not by Lightning and Hydra both
+    assert not [line for line in console if "Tip:" in line], console  # Lightning's cloud advertisement
+    (log,) = (tmp_path / "logs").glob("runs/*/*/train.log")
+    assert "GPU available" in log.read_text() and "Tip:" not in log.read_text()
 
 
 def test_csv_logger_beside_tensorboard_gets_the_hparams_and_final_metrics(make_cfg, tmp_path):

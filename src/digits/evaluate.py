@@ -12,7 +12,7 @@ from digits.artifacts import check_weights, write_json
 from digits.callbacks import TAGS, Robustness, TestResults
 from digits.config import build
 from digits.module import Classifier
-from digits.train import build_module, device_name
+from digits.train import build_module, configure_process, device_name
 
 
 def load_model(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Path) -> Classifier:
@@ -48,6 +48,7 @@ def evaluate(
     and with `robustness` (`size`, `fonts`) the robustness suite's accuracies."""
     from digits import figures
 
+    configure_process()
     datamodule = build(cfg.data, "data")
     module = load_model(cfg, checkpoint, ckpt)
     results = TestResults(figures=False)

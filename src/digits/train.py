@@ -43,19 +43,27 @@ UNDERSTOOD_WARNINGS = (
     "The `srun` command is available",  # submitit starts SLURM jobs through srun; outside SLURM none is needed
     "The number of training batches",  # metrics are logged per epoch: the step interval does not apply
     "`isinstance(treespec, LeafSpec)` is deprecated",  # inside Lightning, about torch's API
+    "Precision bf16-mixed is not supported by the model summary",  # mixed precision keeps fp32 weights: as it counts
 )
+ADVERTISEMENT = "💡 Tip:"  # Lightning's pointer to its cloud logger, logged by every fit
 
 
 @functools.cache
 def configure_process() -> None:
     """What holds for the whole process, set once (a sweep's trials share it): the allocator, Lightning's NVML
-    probe, the warnings that do not apply."""
+    probe, the warnings that do not apply, each Lightning notice printed once."""
     # Lightning sets this at import: every torch.cuda.is_available() (Adam asks on each step) would dlopen
     # NVML again on a machine without a GPU; torch's own check is cached and just as exact here
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     keep_freed_memory()
     for message in UNDERSTOOD_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message))
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    notices.addFilter(lambda record: not record.getMessage().startswith(ADVERTISEMENT))
+    if logging.getLogger().handlers:  # Hydra's: they print and file Lightning's notices, which it printed again
+        lightning = logging.getLogger("lightning")
+        for handler in [h for h in lightning.handlers if type(h) is logging.StreamHandler]:
+            lightning.removeHandler(handler)
 
 
 def configure_backends() -> None:
