@@ -1,5 +1,7 @@
 """The sweeper's pure logic on in-memory studies: budget counting, search-space parsing, URL redaction."""
 
+import warnings
+
 import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -95,7 +97,10 @@ def test_a_trial_whose_worker_died_before_labelling_it_is_failed_and_queued_agai
         db.exec_driver_sql("UPDATE trials SET datetime_start = ?", (long_ago.isoformat(sep=" "),))
     sweeper = OptunaSweep.__new__(OptunaSweep)
     sweeper.rdb, sweeper.heartbeat_interval = storage, 1
-    sweeper._fail_dead_trials(study)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        sweeper._fail_dead_trials(study)
+    assert not shown, [str(w.message) for w in shown]  # a sweep's console stays one line per trial
     states = [t.state for t in study.trials]
     assert states[:2] == [TrialState.FAIL, TrialState.RUNNING] and states[2:] == [TrialState.WAITING]
     assert study.trials[2].params == {"x": 0.5} and study.trials[2].system_attrs["failed_trial"] == orphan.number

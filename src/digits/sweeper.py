@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 from digits.cli import describe
 from digits.errors import JobsRefusedError
 from digits.hparams import ABSENT, TRIAL, hyperparameters
-from digits.trials import JOURNAL_PREFIX, PRUNER_ATTR, open_storage
+from digits.trials import JOURNAL_PREFIX, PRUNER_ATTR, open_storage, requeue_callback
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()
@@ -307,7 +307,7 @@ class OptunaSweep(Sweeper):
             if dead:
                 log.info(f"trial {trial.number}: its worker died; it is failed and queued again")
                 finish(study, trial.number, state=TrialState.FAIL)
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[trial.number])
+                requeue_callback()(study, study.trials[trial.number])
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -19,6 +19,13 @@ NOP = "optuna.pruners.NopPruner"
 PRUNER_ATTR = "pruner"  # a study's user attr: the config of the pruner its sweeps chose
 
 
+def requeue_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """Optuna's callback that queues a failed trial again with the same params, up to three times."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable in use since 2.8
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+
 def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.storages.BaseStorage:
     """An SQLAlchemy URL gives an RDB storage; `journal:<path>` an append-only journal file.
 
@@ -35,9 +42,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.stor
     # SQLite: wait for a writer from another process instead of failing at once
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     retries = 4
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable in use since 2.8
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
+    retry = requeue_callback() if heartbeat_interval else None
     while True:
         try:
             with warnings.catch_warnings():
