@@ -67,10 +67,12 @@ def train_command(*overrides: str, log_dir: Path, data_dir: Path) -> list[str]:
     ]
 
 
-def run_train(*overrides: str, log_dir: Path, data_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_train(
+    *overrides: str, log_dir: Path, data_dir: Path, timeout: int = 600, python_warnings: str = "ignore"
+) -> subprocess.CompletedProcess:
     """`python train.py ...` in a subprocess from a foreign working directory, as a user would."""
     cmd = train_command(*overrides, log_dir=log_dir, data_dir=data_dir)
-    env = {**os.environ, "HYDRA_FULL_ERROR": "", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "", "PYTHONWARNINGS": python_warnings}
     return subprocess.run(cmd, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=timeout, env=env)
 
 

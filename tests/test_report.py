@@ -62,9 +62,9 @@ def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_d
             float(r["test_acc_pct"]) for r in csv_rows if r["run"].startswith(row[0][2:]) and f"wd{row[1]}" in r["run"]
         ]
         assert len(accs) == 2 and float(row[3].split(" ± ")[0]) == pytest.approx(sum(accs) / 2, abs=0.006)
-    table = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| ")]
-    column = table[0].index("precision")
     lines = results.read_text().splitlines()
+    table = [line.split(" | ") for line in lines if line.startswith("| ")]
+    column = table[0].index("precision")
     align = lines[lines.index(" | ".join(table[0])) + 1].strip("|").split("|")  # a cell per column, numbers right
     assert len(align) == len(table[0]) and (align[table[0].index("params")], align[column]) == ("---:", "---")
     for experiment, allowed in (("mlp_8", {"32-true"}), ("lab_cnn", {"32-true", "bf16-mixed"})):

@@ -1,16 +1,14 @@
 import csv
 import json
 import math
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import read_events, run_train, train_command
+from conftest import read_events, run_train
 from digits.robustness import CORRUPTIONS
 from digits.train import train
 
@@ -88,10 +86,8 @@ def test_cli_run_writes_metrics_checkpoints_and_tensorboard(tmp_path, data_dir):
 
 def test_a_runs_console_shows_each_notice_once_and_no_warning_that_does_not_apply(tmp_path, data_dir):
     # bf16 by hand, so that the model summary's warning about it would show on any CPU
-    cmd = train_command("model=cnn", "debug=quick", "trainer.precision=bf16-mixed", "logger=none",
-                        log_dir=tmp_path / "logs", data_dir=data_dir)  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "default"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    done = run_train("model=cnn", "debug=quick", "trainer.precision=bf16-mixed", "logger=none",
+                     log_dir=tmp_path / "logs", data_dir=data_dir, python_warnings="default")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     console = (done.stdout + done.stderr).splitlines()
     assert not [line for line in console if re.search(r"\.py:\d+: |Warning", line)], console  # a warning's origin
