@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="for the torch loader")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile for each model")
-    parser.add_argument("--no-fast", action="store_true", help="skip the time-to-99% run of experiment=mnist_fast")
+    parser.add_argument("--no-fast", action="store_true", help="skip the time-to-99%% run of experiment=mnist_fast")
     parser.add_argument("--no-sweep", action="store_true", help="skip the per-trial overhead of a tiny sweep")
     parser.add_argument("--no-raw", action="store_true", help="skip the comparison with a hand-written loop")
     parser.add_argument("--precisions", default=PRECISION_PRESETS, help="presets timed in bf16 against fp32; '' skips")

@@ -4,10 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 SINGLE_RUN = """
 import sys
+
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from digits.config import CONF_DIR
@@ -32,3 +36,11 @@ def test_a_single_run_imports_no_optuna_and_drops_lightnings_nvml_probe(tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_each_script_prints_its_help_as_written(script):
+    """argparse formats each option's help with %: a bare one prints the option's internals in its place."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert script.removesuffix(".py") in done.stdout and "option_strings" not in done.stdout
