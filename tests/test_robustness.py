@@ -57,6 +57,18 @@ def test_contrast_and_elastic_keep_the_background_and_stay_near_the_ink():
     assert (bent[:, 0, 0, 0] == -1).all()
 
 
+def test_stroke_thickens_some_images_and_thins_others_each_by_its_own_weight():
+    bars = torch.full((512, 1, 28, 28), -1.0)
+    bars[:, 0, 6:22, 12:16] = 3.0  # a 4-pixel-wide stroke, ink 4 above the background
+    out = Augment(stroke=1.0, fill=-1.0)(bars, torch.Generator().manual_seed(0))
+    ink = (out + 1).sum((1, 2, 3)) / (bars + 1).sum((1, 2, 3))
+    # a full step thicker covers 18×6 pixels instead of 16×4, a full step thinner 15×3
+    assert ink.max() <= 18 * 6 / 64 + 1e-5 and ink.min() >= 15 * 3 / 64 - 1e-5
+    assert (ink > 1.2).sum() > 100 and (ink < 0.85).sum() > 100 and ink.std() > 0.2
+    assert (out[:, 0, 0, 0] == -1).all() and (out[:, 0, 14, 13:15] == 3).all()  # background and core kept
+    assert torch.equal(Augment(stroke=0.0, fill=-1.0)(bars, torch.Generator()), bars)
+
+
 def test_degrade_leaves_the_other_images_sharp_and_at_full_contrast():
     images = dots(2000)
     for degrade, untouched_share in ((1.0, 0.0), (0.5, 0.25)):  # blur and contrast each skip 1 - degrade of them
@@ -73,6 +85,7 @@ def test_augmentations_refuse_values_out_of_range_naming_them(make_cfg):
         ("blur", 5, "sigma of 3"),
         ("contrast", 1.0, "not including, 1"),
         ("elastic", -1, "4 pixels"),
+        ("stroke", 1.5, r"to 1 \(a full step"),
         ("degrade", 0, r"share of the images in \(0, 1\]"),
     ):
         with pytest.raises(DigitsError, match=f"{key}={value!r} is not allowed.*{allowed}"):

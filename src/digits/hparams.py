@@ -13,7 +13,7 @@ from digits.config import CONF_DIR
 CHOICES = ("experiment", "data", "augment", "model", "optimizer", "scheduler")
 NUMBERS = (
     "seed", "data.batch_size", "data.val_size", "data.translate", "data.rotate", "data.zoom", "data.elastic",
-    "data.low_res", "data.blur", "data.contrast", "data.degrade", "trainer.max_epochs", "optimizer.lr",
+    "data.stroke", "data.low_res", "data.blur", "data.contrast", "data.degrade", "trainer.max_epochs", "optimizer.lr",
     "optimizer.weight_decay",
 )  # fmt: skip
 TEXTS = ("data.flip", "data.train_size", "trainer.precision")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from digits.augment import gaussian_blur, resample, translate
+from digits.augment import gaussian_blur, resample, thicken, thin, translate
 from digits.errors import DigitsError
 from digits.images import model_view
 
@@ -41,8 +41,8 @@ CORRUPTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "blur_1": _blur(1.0),
     "blur_1.5": _blur(1.5),
     "faint": lambda ink: ink * 0.3,
-    "thick": lambda ink: F.max_pool2d(ink, 3, stride=1, padding=1),
-    "thin": lambda ink: -F.max_pool2d(-F.pad(ink, (0, 1, 0, 1)), 2, stride=1),
+    "thick": thicken,
+    "thin": thin,
     "shifted": _shifted,
 }
 
