@@ -85,7 +85,7 @@ def test_augmentations_refuse_values_out_of_range_naming_them(make_cfg):
         ("blur", 5, "sigma of 3"),
         ("contrast", 1.0, "not including, 1"),
         ("elastic", -1, "4 pixels"),
-        ("stroke", 1.5, r"to 1 \(a full step"),
+        ("stroke", 1.5, r"to 1 \(a pixel thicker or thinner\)"),
         ("degrade", 0, r"share of the images in \(0, 1\]"),
     ):
         with pytest.raises(DigitsError, match=f"{key}={value!r} is not allowed.*{allowed}"):

@@ -41,7 +41,7 @@ class Augment:
         require(is_number(zoom) and 0 <= zoom <= 0.5, "zoom", zoom, "a scale range from 0 (off) to 0.5")
         require(is_number(elastic) and 0 <= elastic <= 4, "elastic", elastic, "0 (off) to 4 pixels of warp")
         require(isinstance(flip, bool), "flip", flip, "true or false")
-        require(is_number(stroke) and 0 <= stroke <= 1, "stroke", stroke, "0 (off) to 1 (a full step of thicken/thin)")
+        require(is_number(stroke) and 0 <= stroke <= 1, "stroke", stroke, "0 (off) to 1 (a pixel thicker or thinner)")
         ok_res = isinstance(low_res, int) and (low_res == 0 or 4 <= low_res <= 27)
         require(ok_res, "low_res", low_res, "0 (off), or the smallest side to shrink to, 4 to 27 pixels")
         require(is_number(blur) and 0 <= blur <= 3, "blur", blur, "0 (off) to a Gaussian sigma of 3 pixels")
@@ -56,8 +56,8 @@ class Augment:
         return self.flip or self._on_ink()
 
     def _on_ink(self) -> bool:
-        on_ink = (self.translate, self.rotate, self.zoom, self.elastic, self.stroke, self.low_res, self.blur)
-        return any(on_ink) or bool(self.contrast)
+        shape = (self.translate, self.rotate, self.zoom, self.elastic, self.stroke)
+        return any(shape) or any((self.low_res, self.blur, self.contrast))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.flip:  # exact on the images themselves
