@@ -10,8 +10,6 @@ from conftest import ROOT
 
 SINGLE_RUN = """
 import sys
-
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from digits.config import CONF_DIR
