@@ -45,7 +45,7 @@ def auto_precision(accelerator: str = "auto", model: str | None = None, cpu_bf16
     """bf16 autocast on the trainer's device where it computes bf16 in hardware (a GPU with bf16, a CPU with
     `cpu_has_fast_bf16`), full fp32 elsewhere. On a CPU an MLP (`model` is the model's `_target_`) stays in
     fp32: its matmuls are too small for bf16 to repay the casts (0.9-1.4× the fp32 step, README); so does any
-    model with `cpu_bf16` false (a preset whose accuracy in bf16 on a CPU was not measured)."""
+    model with `cpu_bf16` false (a preset that lost accuracy in bf16 on a CPU, or was not measured there)."""
     require(isinstance(cpu_bf16, bool), "cpu_bf16", cpu_bf16, "true or false")
     accelerator = str(accelerator)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
