@@ -51,6 +51,7 @@ PRESETS = {
     "mlp_512_256": (535_818, "MNIST"),
     "mlp_64_64": (55_050, "MNIST"),
     "mlp_8": (6_370, "MNIST"),
+    "mlp_sgd_recipe": (545_810, "MNIST"),
     "mnist_best": (330_858, "MNIST"),
     "mnist_fast": (119_770, "MNIST"),
 }
