@@ -202,15 +202,18 @@ def _cpuinfo_flags() -> set[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or torch.cuda.is_available(), reason="a Linux CPU machine")
-def test_default_trainer_picks_bf16_from_what_the_cpu_reports_for_conv_nets(make_cfg):
+def test_default_trainer_picks_bf16_from_what_the_cpu_reports(make_cfg):
     # read from the kernel's flags, not from the function that decides
     expected = "bf16-mixed" if {"avx512_bf16", "amx_bf16", "bf16"} & _cpuinfo_flags() else "32-true"
     metrics = train(make_cfg("model=cnn", "debug=quick", "logger=none"))
     assert metrics["precision"] == expected
-    # an MLP trains faster in fp32 on any CPU (README), bf16 hardware or not
+    # an MLP trains faster in fp32 on any CPU (README), bf16 hardware or not, unless a preset measured it in bf16
     assert train(make_cfg("model=mlp", "debug=quick", "logger=none"))["precision"] == "32-true"
+    assert make_cfg("model=mlp", "cpu_bf16=true").trainer.precision == expected
+    assert make_cfg("experiment=mlp_512_256").trainer.precision == expected
+    assert make_cfg("experiment=mlp_300").trainer.precision == "32-true"
     assert make_cfg("trainer=cpu").trainer.precision == "32-true"  # the plain-fp32 CPU trainer stays so
-    # a preset not measured in bf16 on a CPU trains there in fp32, and takes bf16 on a GPU or when asked
+    # a preset that lost accuracy in bf16 on a CPU trains there in fp32, and takes bf16 on a GPU or when asked
     assert make_cfg("experiment=bn_cnn").trainer.precision == "32-true"
     assert make_cfg("experiment=bn_cnn", "trainer=gpu").trainer.precision == "bf16-mixed"
     assert make_cfg("model=cnn", "cpu_bf16=false").trainer.precision == "32-true"

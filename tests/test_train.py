@@ -125,7 +125,7 @@ BAD_INPUTS = {
     "data.val_size=70000": "data.val_size=70000 is not allowed; expected a count from 1 to 59999",
     "optimizer=lbfgs": "error: optimizer='lbfgs' is not allowed; expected one of ['adadelta',",
     "data.flip=sideways": "data.flip='sideways' is not allowed; expected true or false",
-    "cpu_bf16=sometimes": "error: cpu_bf16='sometimes' is not allowed; expected true or false",
+    "cpu_bf16=sometimes": "error: cpu_bf16='sometimes' is not allowed; expected true, false or auto",
     "data.zoom=0.9": "data.zoom=0.9 is not allowed; expected a scale range from 0 (off) to 0.5",
     "callbacks.robustness.size=0": "error: callbacks.robustness.size=0 is not allowed; expected a number of images ≥ 1",
     "data=cifar,mnist": "error: data='cifar' is not allowed; expected one of ['fashion', 'mnist']",

@@ -41,17 +41,19 @@ def cpu_has_fast_bf16(capabilities: Mapping[str, Any] | None = None) -> bool:
     return any(caps.get(flag) for flag in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def auto_precision(accelerator: str = "auto", model: str | None = None, cpu_bf16: bool = True) -> str:
+def auto_precision(accelerator: str = "auto", model: str | None = None, cpu_bf16: bool | str = "auto") -> str:
     """bf16 autocast on the trainer's device where it computes bf16 in hardware (a GPU with bf16, a CPU with
-    `cpu_has_fast_bf16`), full fp32 elsewhere. On a CPU an MLP (`model` is the model's `_target_`) stays in
-    fp32: its matmuls are too small for bf16 to repay the casts (0.9-1.4× the fp32 step, README); so does any
-    model with `cpu_bf16` false (a preset that lost accuracy in bf16 on a CPU, or was not measured there)."""
-    require(isinstance(cpu_bf16, bool), "cpu_bf16", cpu_bf16, "true or false")
+    `cpu_has_fast_bf16`), full fp32 elsewhere. On such a CPU `cpu_bf16` decides: `auto` takes bf16 for any
+    model but an MLP (`model` is the model's `_target_`), whose small matmuls mostly run faster in fp32 there
+    (README); true takes it for any model (a large MLP measured in it); false for none (a preset that lost
+    accuracy in bf16 on a CPU)."""
+    require(isinstance(cpu_bf16, bool) or cpu_bf16 == "auto", "cpu_bf16", cpu_bf16, "true, false or auto")
     accelerator = str(accelerator)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fast = cpu_bf16 and accelerator in ("auto", "cpu") and cpu_has_fast_bf16() and model != MLP_TARGET
+    wanted = cpu_bf16 is True or (cpu_bf16 == "auto" and model != MLP_TARGET)
+    fast = wanted and accelerator in ("auto", "cpu") and cpu_has_fast_bf16()
     return "bf16-mixed" if fast else "32-true"
 
 
