@@ -108,7 +108,7 @@ def test_predict_on_a_png_matches_the_tensor_and_reports_bad_files(trained, data
     assert rows["digit.png"]["probability"] == pytest.approx(rows["test[0]"]["probability"], abs=1e-4)
     for name in ("paper.jpg", "sheet.png", "drawn.png", "squared.png"):
         assert rows[name]["label"] == rows["test[0]"]["label"], name
-    assert "not a readable image" in rows["notes.txt"]["error"]
+    assert rows["notes.txt"]["error"].startswith("not an image in a format read here")
     assert "the file is empty" in rows["empty.png"]["error"]
 
 
@@ -281,24 +281,65 @@ def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_pat
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: stored turned 90° anticlockwise, to be turned clockwise to view
     rotated.save(tmp_path / "exif.jpg", exif=exif, quality=95)
+    Image.fromarray(np.asarray(seven, dtype=np.float32) / 255).save(tmp_path / "float.tif")  # floats in [0, 1]
+    not_numbers = np.asarray(seven, dtype=np.float32)
+    not_numbers[0, 0] = np.nan
+    Image.fromarray(not_numbers).save(tmp_path / "nan.tif")
+    seven.save(tmp_path / "drawing.png", format="EPS")  # Pillow would hand it to Ghostscript
     blank.save(tmp_path / "blank.png")
     Image.new("L", (1, 1), 0).save(tmp_path / "dot.png")
+    speck = blank.copy()
+    speck.paste(0, (40, 40, 43, 42))  # a 3×2 speck of dust on a blank sheet
+    speck.save(tmp_path / "speck.png")
+    Image.new("1", (8000, 6250), 1).save(tmp_path / "photo.png")  # 50 MP: under Pillow's bomb limit, over ours
     Image.new("1", (12000, 12000), 1).save(tmp_path / "bomb.png")  # 144 MP of white, a few hundred KB
     with open(tmp_path / "huge.png", "wb") as f:
         f.truncate(MAX_BYTES + 1)  # sparse: no disk used, but read whole it would be
     os.mkfifo(tmp_path / "fifo.png")  # reading it would wait for a writer that never comes
-    names = ["sixteen.png", "palette.png", "anim.gif", "exif.jpg", "blank.png", "dot.png", "bomb.png"]
-    names += ["huge.png", "fifo.png"]
+    names = ["sixteen.png", "palette.png", "anim.gif", "exif.jpg", "float.tif", "nan.tif", "drawing.png"]
+    names += ["blank.png", "dot.png", "speck.png", "photo.png", "bomb.png", "huge.png", "fifo.png"]
     done = run_script("predict.py", f"ckpt_path={ckpt}", *(str(tmp_path / n) for n in names), "--json", log_dir=log_dir)
     assert done.returncode == 1 and "Traceback" not in done.stderr  # some inputs refused, the others answered
     rows = predicted(done)
-    for name in ("sixteen.png", "palette.png", "anim.gif", "exif.jpg"):
+    for name in ("sixteen.png", "palette.png", "anim.gif", "exif.jpg", "float.tif"):
         assert rows[name].get("class") == "7 - seven", (name, rows[name])
+    assert rows["nan.tif"]["error"] == "pixels that are not numbers (NaN or infinity)"
+    assert rows["drawing.png"]["error"].startswith("not an image in a format read here (PNG, JPEG")
     for name in ("blank.png", "dot.png"):
         assert rows[name]["error"].startswith("no ink found"), rows[name]
+    assert rows["speck.png"]["error"] == "no digit found: the only ink is a 3×2-pixel mark (a digit spans 4 or more)"
+    assert rows["photo.png"]["error"] == "8000×6250 pixels is over the limit of 40,000,000"
     assert "over the limit" in rows["bomb.png"]["error"]
     assert rows["huge.png"]["error"] == f"{MAX_BYTES + 1:,} bytes is over the limit of {MAX_BYTES:,}"
     assert rows["fifo.png"]["error"] == "not a regular file"
+
+
+def test_the_table_shows_each_input_on_one_line(trained, digits_on_disk, tmp_path):
+    """A file name may hold a newline or a terminal's escape sequence: the table writes them out escaped."""
+    ckpt, _, log_dir = trained
+    odd = tmp_path / "two\nlines \x1b[31mred.png"
+    odd.write_bytes((digits_on_disk / "d1.png").read_bytes())
+    done = run_script("predict.py", f"ckpt_path={ckpt}", str(odd), log_dir=log_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, row = done.stdout.strip().split("\n")  # the header and one row
+    assert row.startswith(f"{tmp_path}/two\\nlines \\x1b[31mred.png ") and "\x1b" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("low_confidence=2", "low_confidence=2 is not allowed; expected a probability in [0, 1]"),
+        ("low_confidence=high", "low_confidence='high' is not allowed; expected a probability in [0, 1]"),
+        ("format=xml", "format='xml' is not allowed; expected table or json"),
+        ("inputs_from=d1.png", "inputs_from='d1.png' is not allowed; expected a text file of paths, one per line"),
+    ],
+)
+def test_a_bad_predict_option_is_one_line(trained, digits_on_disk, option, message):
+    ckpt, _, _ = trained
+    cmd = [sys.executable, str(ROOT / "predict.py"), f"ckpt_path={ckpt}", "d1.png", option]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=digits_on_disk)
+    assert done.returncode == 1 and not done.stdout
+    assert done.stderr.strip().splitlines() == [f"error: {message}"]
 
 
 def test_a_labelled_folder_gives_the_accuracy_of_its_rows(trained, data_dir, tmp_path):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL.TiffImagePlugin  # imported to register its decoder: Image.open then has every one of FORMATS
+import PIL.WebPImagePlugin  # noqa: F401
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
@@ -18,6 +20,9 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from digits.errors import DigitsError, is_int, is_number, require
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
+# the decoders Pillow may try on a file, whatever its name: not EPS (Pillow hands it to Ghostscript) nor any
+# other format a camera, scanner or drawing program would not write (JPEG includes phones' MPO)
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 MAX_PIXELS = 40_000_000  # a phone photo is 12-50 MP; beyond this a file is refused before it is decoded
 MAX_BYTES = 256 * 2**20  # over twice an uncompressed 40 MP RGB TIFF; beyond this a file is refused before it is read
 INK = 0.1  # the least contrast, after the paper's tone is taken off, that counts as ink
@@ -26,6 +31,8 @@ RULE_COVER = 0.75  # ink covers a printed line for at least this share of its le
 RULE_WIDTH = 0.025  # a printed line is at most this share of the image's height wide (a stroke is wider)
 RULE_FAINT = 0.6  # one printed line alone is at most this share of the writing's darkness (a stroke is not)
 RULE_TILT = 4  # degrees: a ruled line on a photo taken a little askew
+MIN_MARK = 4  # pixels: ink that spans fewer, tall or wide, is a speck or a dot (a 3×3 image of a digit is not one)
+MARK_SHARE = 1 / 200  # of the image's longer side: a digit in a photo of a page spans more than a speck of dust
 NOISE = 5  # ink stands this many times the paper's noise above it: a pixel of grain does so once in 3.5 million
 
 
@@ -93,7 +100,7 @@ def read_gray(path: Path) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             if image.width * image.height > MAX_PIXELS:
                 raise DigitsError(f"{image.width}×{image.height} pixels is over the limit of {MAX_PIXELS:,}")
             for frame in ImageSequence.Iterator(image):
@@ -101,18 +108,28 @@ def read_gray(path: Path) -> torch.Tensor:
                 if gray.max() - gray.min() > INK:
                     return gray
                 first = gray if first is None else first
+    except DigitsError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DigitsError(f"over the limit of {MAX_PIXELS:,} pixels (a decompression bomb?)") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except UnidentifiedImageError:
+        raise DigitsError(f"not an image in a format read here ({', '.join(FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise DigitsError(f"not a readable image ({type(err).__name__})") from None
     return first
 
 
 def to_gray(image: Image.Image) -> torch.Tensor:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) gray: scaled by its own depth
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit, 32-bit or float gray: scaled by its depth
         values = np.asarray(image, dtype=np.float64)
-        full = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else float(values.max())
-        return torch.from_numpy(values / full).float()
+        if not np.isfinite(values).all():
+            raise DigitsError("pixels that are not numbers (NaN or infinity)")
+        low, high = min(values.min(), 0.0), values.max()
+        if image.mode == "F":  # floats in [0, 1] as they are, any other range by its largest value
+            full = max(high, 1.0)
+        else:
+            full = 65535.0 if image.mode.startswith("I;16") or high <= 65535 else high
+        return torch.from_numpy((values - low) / (full - low)).float()
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # drawn on a transparent sheet
@@ -199,7 +216,8 @@ def frame(ink: torch.Tensor, box: int, by_mass: bool, noise: float = 0.0) -> tor
     """White-on-black ink, its paper taken off, as the datasets framed theirs: stretched to full contrast, the
     paper's grain (under NOISE × `noise`) and ruled lines (`ruled_lines`) cleared, its bounding box scaled to
     fit `box`×`box` (aspect kept) and stretched to full contrast again, then placed on a 28×28 canvas, centred
-    by its centre of mass (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28)."""
+    by its centre of mass (MNIST: a 20-pixel box) or by its box (Fashion-MNIST: 28). Raises `DigitsError` where
+    the ink is a mark too small to be a digit (`MIN_MARK`, `MARK_SHARE`)."""
     contrast = max(ink.max().item(), 1e-6)
     grain = NOISE * noise / contrast
     ink = (ink / contrast).clamp(0, 1)
@@ -218,6 +236,10 @@ def frame(ink: torch.Tensor, box: int, by_mass: bool, noise: float = 0.0) -> tor
         rows, cols = rows[near > 3 * grain], cols[near > 3 * grain]  # a mean of over grain / 3
     if not len(rows):
         return torch.zeros(28, 28)
+    tall, wide = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+    least = max(MIN_MARK, math.ceil(MARK_SHARE * max(ink.shape)))
+    if max(tall, wide) < least:
+        raise DigitsError(f"no digit found: the only ink is a {wide}×{tall}-pixel mark (a digit spans {least} or more)")
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     scale = box / max(ink.shape)
     h, w = (max(1, round(side * scale)) for side in ink.shape)

@@ -2,6 +2,7 @@
 what its dataset's images are (classes, normalisation, framing) come from the checkpoint, so predicting
 images imports neither Lightning nor torchvision: they took half of predict.py's start-up."""
 
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from digits.artifacts import check_targets, check_weights, checkpoint_record, load_run, write_json
 from digits.config import build
-from digits.errors import DigitsError
+from digits.errors import DigitsError, is_number, require
 from digits.images import ImageSpec, find_inputs, model_view, read_gray
 
 
@@ -97,6 +98,9 @@ def parse_test_index(value: Any, test_size: int) -> list[int]:
 def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Predictions for `test_index` and every image `inputs`, `inputs_from` and `extra_inputs` name, read and
     predicted in batches; an unreadable or blank image gets an error row and the rest are answered."""
+    threshold = cfg.get("low_confidence", 0.0)
+    require(is_number(threshold) and 0 <= threshold <= 1, "low_confidence", threshold, "a probability in [0, 1]")
+    require(cfg.get("format") in ("table", "json"), "format", cfg.get("format"), "table or json")
     run_cfg, checkpoint = load_run(cfg.ckpt_path, cfg.paths, builds=["model"])
     net = load_net(run_cfg, checkpoint, cfg.ckpt_path)
     datamodule = build_data(run_cfg, cfg.ckpt_path) if cfg.test_index is not None else None
@@ -136,7 +140,6 @@ def run_predict(cfg: DictConfig, extra_inputs: Iterable[str] = ()) -> list[dict[
         raise DigitsError(
             "nothing to predict; give inputs=[a.png,dir/,'*.jpg'], inputs_from=<list or ->, or test_index=0:5"
         )
-    threshold = cfg.get("low_confidence", 0.0)
     for row in rows:
         if "probability" in row:
             row["low_confidence"] = row["probability"] < threshold
@@ -188,9 +191,12 @@ def input_entries(cfg: DictConfig) -> list[str]:
     source = cfg.get("inputs_from")
     if source:
         try:
-            text = sys.stdin.read() if source == "-" else Path(source).read_text()
+            data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
         except OSError as err:
             raise DigitsError(f"inputs_from={source!r}: {err.strerror}") from None
+        if b"\0" in data:  # no path holds a NUL byte: this is an image or another binary file
+            raise DigitsError(f"inputs_from={source!r} is not allowed; expected a text file of paths, one per line")
+        text = os.fsdecode(data)  # names in any bytes, as the file system has them
         entries += [line.strip() for line in text.splitlines() if line.strip()]
     return entries
 
@@ -203,18 +209,25 @@ def save_views(out: Path, paths: list[Path], views: list[torch.Tensor]) -> None:
 
 
 def prediction_table(rows: list[dict[str, Any]]) -> str:
-    width = max(len(r["input"]) for r in rows)
+    names = [printable(r["input"]) for r in rows]
+    width = max(map(len, names))
     lines = [f"{'input':<{width}}  label  {'class':<14}  probability  {'then':<14}  {'p':>6}  true"]
-    for r in rows:
+    for name, r in zip(names, rows, strict=True):
         if "error" in r:
-            lines.append(f"{r['input']:<{width}}  error: {r['error']}")
+            lines.append(f"{name:<{width}}  error: {r['error']}")
         else:
             answer = f"{r['label']:>5}  {r['class']:<14}  {r['probability']:11.4f}  {r['second']:<14}  "
             answer += f"{r['second_probability']:6.4f}  {r.get('true', '')}"
-            lines.append(f"{r['input']:<{width}}  {answer}{'  (low confidence)' if r.get('low_confidence') else ''}")
+            lines.append(f"{name:<{width}}  {answer}{'  (low confidence)' if r.get('low_confidence') else ''}")
     if summary := labelled_accuracy(rows):
         lines.append(summary)
     return "\n".join(lines)
+
+
+def printable(name: str) -> str:
+    """A file name on one line of the table, as the terminal shows it: a newline, a terminal's escape sequence
+    or a byte that is no character in the file system's encoding written out as Python escapes it."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in name)
 
 
 def labelled_accuracy(rows: list[dict[str, Any]]) -> str:
