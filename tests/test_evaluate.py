@@ -315,14 +315,16 @@ def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_pat
 
 
 def test_the_table_shows_each_input_on_one_line(trained, digits_on_disk, tmp_path):
-    """A file name may hold a newline or a terminal's escape sequence: the table writes them out escaped."""
+    """A file name may hold a newline or a terminal's escape sequence: the table writes them out escaped. And it
+    may be as long as the file system allows: its view is saved under a shorter one."""
     ckpt, _, log_dir = trained
-    odd = tmp_path / "two\nlines \x1b[31mred.png"
+    odd = tmp_path / ("two\nlines \x1b[31mred" + "x" * 230 + ".png")
     odd.write_bytes((digits_on_disk / "d1.png").read_bytes())
-    done = run_script("predict.py", f"ckpt_path={ckpt}", str(odd), log_dir=log_dir)
+    done = run_script("predict.py", f"ckpt_path={ckpt}", str(odd), f"save_inputs={tmp_path / 'seen'}", log_dir=log_dir)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert [Image.open(p).size for p in (tmp_path / "seen").iterdir()] == [(28, 28)]
     _, row = done.stdout.strip().split("\n")  # the header and one row
-    assert row.startswith(f"{tmp_path}/two\\nlines \\x1b[31mred.png ") and "\x1b" not in done.stdout
+    assert row.startswith(f"{tmp_path}/two\\nlines \\x1b[31mred{'x' * 230}.png ") and "\x1b" not in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,21 @@ def test_a_checkpoint_whose_config_names_a_function_is_refused(trained, tmp_path
     assert victim.read_text() == "still here"
 
 
+@pytest.mark.parametrize("script", ["predict.py", "eval.py"])
+def test_a_checkpoint_that_names_a_huge_net_is_refused_before_building_it(trained, tmp_path, script):
+    """A net of 10^8 hidden units (313 GB of weights) named by a small checkpoint's config: compared on the meta
+    device, it is refused in one line instead of being allocated first."""
+    ckpt, _ = trained
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint[RECORD]["config"]["model"]["hidden_size"] = 10**8
+    hostile = tmp_path / "huge.ckpt"
+    torch.save(checkpoint, hostile)
+    extra = ["test_index=0:3"] if script == "predict.py" else []
+    line = one_line_error(run_script(script, f"ckpt_path={hostile}", *extra, log_dir=tmp_path / "logs"))
+    assert line.startswith(f"error: ckpt_path='{hostile}' holds a different model than its config's model")
+    assert "(10, 100000000)" in line
+
+
 @pytest.mark.parametrize(
     ("where", "key", "value", "message"),
     [

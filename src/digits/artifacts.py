@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from digits.config import build
 from digits.errors import DigitsError, named_class
 
 RECORD = "digits"  # the checkpoint key holding the run's resolved config, dataset and package versions
@@ -59,15 +60,30 @@ def checkpoint_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {"dataset": checkpoint.get("dataset")}
 
 
-def check_weights(path: str | Path, checkpoint: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def check_weights(
+    path: str | Path, checkpoint: dict[str, Any], state: dict[str, torch.Tensor], against: str = "model=… here"
+) -> None:
     """The checkpoint's weights have exactly the names and shapes of `state` (the model built here)."""
     expected = {k: tuple(v.shape) for k, v in state.items()}
     found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
     if found != expected:
         diff = sorted(set(found.items()) ^ set(expected.items()))[:2]
-        raise DigitsError(
-            f"ckpt_path={str(path)!r} holds a different model than model=… here (first differences: {diff})"
-        )
+        raise DigitsError(f"ckpt_path={str(path)!r} holds a different model than {against} (first differences: {diff})")
+
+
+def check_own_net(path: str | Path, checkpoint: dict[str, Any], model: DictConfig) -> None:
+    """The checkpoint's weights fit the net its own config names (`model`, its `_target_` checked already), built
+    on the meta device: a checkpoint from someone else may name a net of any size, whose parameters a real
+    build would allocate before its weights were compared. A net that cannot be built there (its `__init__`
+    computes with real tensors) is left to the check after its real build."""
+    try:
+        with torch.device("meta"):
+            net = build(model, "model")
+    except DigitsError:
+        raise
+    except Exception:
+        return
+    check_weights(path, checkpoint, {f"net.{k}": v for k, v in net.state_dict().items()}, "its config's model")
 
 
 # What a checkpoint's config may build, key by key: classes of these kinds only. Hydra's own blocklist stops

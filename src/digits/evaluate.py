@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from digits.artifacts import check_weights, write_json
+from digits.artifacts import check_own_net, check_weights, write_json
 from digits.callbacks import TAGS, Robustness, TestResults
 from digits.config import build
 from digits.module import Classifier
@@ -16,6 +16,7 @@ from digits.train import build_module, configure_process, device_name
 
 
 def load_model(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Path) -> Classifier:
+    check_own_net(ckpt_path, checkpoint, cfg.model)
     module = build_module(cfg)
     check_weights(ckpt_path, checkpoint, module.state_dict())
     module.load_state_dict(checkpoint["state_dict"])

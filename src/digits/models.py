@@ -5,6 +5,7 @@
 the BatchNorm/Dropout CNN are all `ConvNet`s: see `conf/model/` and `conf/experiment/`.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -81,7 +82,7 @@ class MLP(nn.Module):
         super().__init__()
         widths = _check_widths("hidden_size", hidden_size)
         act = _check_activation(activation)
-        in_features = int(torch.tensor(in_shape).prod())
+        in_features = math.prod(in_shape)
         self.features = nn.Flatten()
         self.hidden = dense_stack(in_features, widths, act, batch_norm, _check_dropout("dropout", dropout))
         self.classifier = nn.Linear(widths[-1], num_classes)

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from digits.artifacts import check_targets, check_weights, checkpoint_record, load_run, write_json
+from digits.artifacts import check_own_net, check_targets, check_weights, checkpoint_record, load_run, write_json
 from digits.config import build
 from digits.errors import DigitsError, is_number, require
 from digits.images import ImageSpec, find_inputs, model_view, read_gray
@@ -22,6 +22,7 @@ from digits.images import ImageSpec, find_inputs, model_view, read_gray
 
 def load_net(cfg: DictConfig, checkpoint: dict[str, Any], ckpt_path: str | Path) -> nn.Module:
     """The run's net (its `model` node) with the checkpoint's weights, in eval mode."""
+    check_own_net(ckpt_path, checkpoint, cfg.model)
     net = build(cfg.model, "model")
     check_weights(ckpt_path, checkpoint, {f"net.{k}": v for k, v in net.state_dict().items()})
     weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
@@ -202,10 +203,11 @@ def input_entries(cfg: DictConfig) -> list[str]:
 
 
 def save_views(out: Path, paths: list[Path], views: list[torch.Tensor]) -> None:
-    """Each image as the model saw it, 28×28 white on black, named after its file."""
+    """Each image as the model saw it, 28×28 white on black, named after its file (its first 60 characters: a
+    name may already be as long as the file system allows)."""
     out.mkdir(parents=True, exist_ok=True)
     for i, (path, view) in enumerate(zip(paths, views, strict=True)):
-        Image.fromarray((view * 255).round().byte().numpy()).save(out / f"{i:05d}_{path.stem}.png")
+        Image.fromarray((view * 255).round().byte().numpy()).save(out / f"{i:05d}_{path.stem[:60]}.png")
 
 
 def prediction_table(rows: list[dict[str, Any]]) -> str:
