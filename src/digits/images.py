@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.TiffImagePlugin  # imported to register its decoder: Image.open then has every one of FORMATS
+import PIL.TiffImagePlugin  # these two imported for their decoders: Image.open then has every one of FORMATS
 import PIL.WebPImagePlugin  # noqa: F401
 import torch
 import torch.nn.functional as F
