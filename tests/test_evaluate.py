@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import ROOT, assert_real_png, read_events, run_train
 from digits.data import shipped
 from digits.errors import DigitsError
-from digits.images import MAX_BYTES, frame, model_view
+from digits.images import MAX_BYTES, MAX_FRAMES, frame, model_view
 from digits.robustness import CORRUPTIONS, photographed
 
 
@@ -277,6 +277,10 @@ def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_pat
     seven.convert("P").save(tmp_path / "palette.png")
     blank = Image.new("L", (84, 84), 255)
     blank.save(tmp_path / "anim.gif", save_all=True, append_images=[seven], duration=100)  # a blank first frame
+    specks = [blank.copy() for _ in range(MAX_FRAMES)]  # no ink, each frame other than the last (GIF merges those)
+    for k, speck in enumerate(specks):
+        speck.putpixel((k % 84, k // 84), 250)
+    specks[0].save(tmp_path / "late.gif", save_all=True, append_images=[*specks[1:], seven], duration=100)
     rotated = seven.rotate(90, expand=True)  # stored on its side (PIL turns anticlockwise); EXIF says so
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: stored turned 90° anticlockwise, to be turned clockwise to view
@@ -297,7 +301,7 @@ def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_pat
         f.truncate(MAX_BYTES + 1)  # sparse: no disk used, but read whole it would be
     os.mkfifo(tmp_path / "fifo.png")  # reading it would wait for a writer that never comes
     names = ["sixteen.png", "palette.png", "anim.gif", "exif.jpg", "float.tif", "nan.tif", "drawing.png"]
-    names += ["blank.png", "dot.png", "speck.png", "photo.png", "bomb.png", "huge.png", "fifo.png"]
+    names += ["late.gif", "blank.png", "dot.png", "speck.png", "photo.png", "bomb.png", "huge.png", "fifo.png"]
     done = run_script("predict.py", f"ckpt_path={ckpt}", *(str(tmp_path / n) for n in names), "--json", log_dir=log_dir)
     assert done.returncode == 1 and "Traceback" not in done.stderr  # some inputs refused, the others answered
     rows = predicted(done)
@@ -305,7 +309,7 @@ def test_images_are_read_faithfully_and_within_bounds(trained, data_dir, tmp_pat
         assert rows[name].get("class") == "7 - seven", (name, rows[name])
     assert rows["nan.tif"]["error"] == "pixels that are not numbers (NaN or infinity)"
     assert rows["drawing.png"]["error"].startswith("not an image in a format read here (PNG, JPEG")
-    for name in ("blank.png", "dot.png"):
+    for name in ("late.gif", "blank.png", "dot.png"):  # late.gif: its seven comes after MAX_FRAMES blank frames
         assert rows[name]["error"].startswith("no ink found"), rows[name]
     assert rows["speck.png"]["error"] == "no digit found: the only ink is a 3×2-pixel mark (a digit spans 4 or more)"
     assert rows["photo.png"]["error"] == "8000×6250 pixels is over the limit of 40,000,000"

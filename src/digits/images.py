@@ -3,6 +3,7 @@ bounds, and framed the way the dataset's own images were."""
 
 import glob
 import io
+import itertools
 import math
 import stat
 import warnings
@@ -24,6 +25,7 @@ SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", "
 # other format a camera, scanner or drawing program would not write (JPEG includes phones' MPO)
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 MAX_PIXELS = 40_000_000  # a phone photo is 12-50 MP; beyond this a file is refused before it is decoded
+MAX_FRAMES = 100  # of an animation, looked at for one with ink: each may be 40 MP, their number is unbounded
 MAX_BYTES = 256 * 2**20  # over twice an uncompressed 40 MP RGB TIFF; beyond this a file is refused before it is read
 INK = 0.1  # the least contrast, after the paper's tone is taken off, that counts as ink
 MIN_RULED = 64  # pixels: on a smaller image a ruled line and a digit's stroke are too alike to tell apart
@@ -80,8 +82,9 @@ def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
 
 def read_gray(path: Path) -> torch.Tensor:
     """A file as H×W floats in [0, 1], white paper 1, as its pixels are meant to be seen: EXIF orientation
-    applied, 16-bit and palette images converted at full depth, a transparent canvas as white paper, the
-    first frame with anything on it of an animation (frames decoded one at a time, up to that one).
+    applied, 16-bit, 32-bit, float and palette images converted at full depth, a transparent canvas as white
+    paper, the first frame with anything on it of an animation (frames decoded one at a time, up to that one,
+    and no further than `MAX_FRAMES`).
 
     Errors name what is wrong, not the file: the caller's row does.
     """
@@ -103,7 +106,7 @@ def read_gray(path: Path) -> torch.Tensor:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
             if image.width * image.height > MAX_PIXELS:
                 raise DigitsError(f"{image.width}×{image.height} pixels is over the limit of {MAX_PIXELS:,}")
-            for frame in ImageSequence.Iterator(image):
+            for frame in itertools.islice(ImageSequence.Iterator(image), MAX_FRAMES):
                 gray = to_gray(ImageOps.exif_transpose(frame) if frame.getexif() else frame)
                 if gray.max() - gray.min() > INK:
                     return gray
