@@ -68,12 +68,14 @@ class ImageSpec:
 
 def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
     """Each entry as the files it names: a file as itself, a directory as the images below it (recursively,
-    sorted), a pattern with `*`, `?` or `[` as the files it matches (`**` for any depth). A name that is
-    none of these is yielded as it is, to be reported as missing."""
+    sorted; hidden ones left out, as a pattern leaves them: macOS's `._` copies, `.thumbnails/`), a pattern
+    with `*`, `?` or `[` as the files it matches (`**` for any depth). A name that is none of these is
+    yielded as it is, to be reported as missing."""
     for entry in entries:
         path = Path(entry).expanduser()
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+            images = (p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+            yield from sorted(p for p in images if not any(s.startswith(".") for s in p.relative_to(path).parts))
         elif not path.exists() and any(c in entry for c in "*?["):
             yield from sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         else:
