@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.TiffImagePlugin  # these two imported for their decoders: Image.open then has every one of FORMATS
-import PIL.WebPImagePlugin  # noqa: F401
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
@@ -102,6 +100,11 @@ def read_gray(path: Path) -> torch.Tensor:
     if not data:
         raise DigitsError("the file is empty")
     first = None
+    # their decoders registered, Image.open has every one of FORMATS; here, not at import: training imports
+    # this module, and never opens a file
+    import PIL.TiffImagePlugin
+    import PIL.WebPImagePlugin  # noqa: F401
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
