@@ -246,19 +246,28 @@ def test_predict_takes_directories_globs_bare_paths_and_list_files(trained, digi
     assert predicted(by_list) == rows  # the same answers, whichever way the files were named
 
 
-def test_a_directory_leaves_out_hidden_files_as_a_pattern_does(trained, digits_on_disk, tmp_path):
+def test_a_directory_leaves_out_hidden_files_and_walks_each_folder_once(trained, digits_on_disk, tmp_path):
     """A folder copied from a Mac holds a `._` file beside each image; an image viewer's `.thumbnails/` holds
-    copies: neither is one of the user's images."""
+    copies: neither is one of the user's images. A symlinked folder is walked, once, however many links lead
+    to it, and a link back up the tree (`again -> .`) names no file a second time."""
     ckpt, _, log_dir = trained
-    (tmp_path / "scans" / ".thumbnails").mkdir(parents=True)
+    scans, elsewhere = tmp_path / "scans", tmp_path / "elsewhere"
+    (scans / ".thumbnails").mkdir(parents=True)
+    elsewhere.mkdir()
     image = (digits_on_disk / "d1.png").read_bytes()
-    (tmp_path / "scans" / "d1.png").write_bytes(image)
-    (tmp_path / "scans" / ".thumbnails" / "d1.png").write_bytes(image)
-    (tmp_path / "scans" / "._d1.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
-    for entry in (tmp_path / "scans", tmp_path / "scans" / "*.png"):
+    for copy in (scans / "d1.png", scans / ".thumbnails" / "d1.png", elsewhere / "d2.png"):
+        copy.write_bytes(image)
+    (scans / "._d1.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    (scans / "again").symlink_to(".")
+    (scans / "linked").symlink_to(elsewhere)
+    (scans / "linked too").symlink_to(elsewhere)
+    expected = [str(scans / "d1.png"), str(scans / "linked" / "d2.png")]
+    for entry in (scans, scans / "**" / "*.png"):
         done = run_script("predict.py", f"ckpt_path={ckpt}", str(entry), "--json", log_dir=log_dir)
         assert done.returncode == 0, done.stdout[-2000:]
-        assert [row["input"] for row in json.loads(done.stdout)] == [str(tmp_path / "scans" / "d1.png")]
+        assert [row["input"] for row in json.loads(done.stdout)] == expected
+    done = run_script("predict.py", f"ckpt_path={ckpt}", str(scans / "*.png"), "--json", log_dir=log_dir)
+    assert [row["input"] for row in json.loads(done.stdout)] == expected[:1]
 
 
 def test_batched_predictions_equal_one_by_one_and_the_views_are_saved(trained, digits_on_disk, tmp_path):

@@ -5,6 +5,7 @@ import glob
 import io
 import itertools
 import math
+import os
 import stat
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -72,12 +73,42 @@ def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
     for entry in entries:
         path = Path(entry).expanduser()
         if path.is_dir():
-            images = (p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
-            yield from sorted(p for p in images if not any(s.startswith(".") for s in p.relative_to(path).parts))
+            found = (Path(folder, name) for folder in folders_below(str(path)) for name in os.listdir(folder))
+            images = (p for p in found if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+            yield from sorted(p for p in images if p.is_file())
         elif not path.exists() and any(c in entry for c in "*?["):
-            yield from sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            yield from sorted({Path(p) for p in expand(str(path)) if os.path.isfile(p)})
         else:
             yield path
+
+
+def folders_below(top: str) -> Iterator[str]:
+    """`top` and the folders below it, hidden ones left out, symlinked ones followed, each real folder once.
+    Ours, not `glob`'s `**`: that walks into a link back up the tree (`loop -> ..`) again on every pass, and
+    through two such links its paths multiply until memory runs out."""
+    seen = {os.path.realpath(top)}
+    for here, dirs, _ in os.walk(top, followlinks=True):
+        kept = []
+        for name in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(here, d)), d)):  # real names first
+            real = os.path.realpath(os.path.join(here, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = sorted(kept)
+        yield here
+
+
+def expand(pattern: str) -> Iterator[str]:
+    """The names a pattern matches, as `glob` gives them, but with each `**` walked by `folders_below`."""
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        yield from glob.glob(pattern)
+        return
+    at = parts.index("**")
+    rest = parts[at + 1 :] or ("*",)
+    for head in glob.glob(os.path.join(*parts[:at])) if at else [os.curdir]:
+        for folder in folders_below(head):
+            yield from expand(os.path.join(glob.escape(folder), *rest))
 
 
 def read_gray(path: Path) -> torch.Tensor:
