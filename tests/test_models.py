@@ -93,8 +93,25 @@ def test_kernel_size_is_checked_against_the_image_size():
         ({"hidden_size": [64, 0]}, r"hidden_size=\[64, 0\]"),
         ({"activation": "swish"}, "activation='swish'"),
         ({"dropout": 1.5}, "dropout=1.5"),
+        ({"batch_norm": "no"}, "batch_norm='no'"),
     ],
 )
 def test_bad_mlp_arguments(kwargs, message):
     with pytest.raises(DigitsError, match=message):
         MLP(**kwargs)
+
+
+def test_a_global_pool_gives_a_moved_digit_the_same_features():
+    """With `global_pool` the dense layers see each channel's maximum over the last feature map: a digit moved by
+    the net's whole pooling stride (4 pixels through LeNet's two pools) gives the same features, as long as every
+    window of the last map that sees it, before and after, lies inside the image; flattened, it gives others."""
+    torch.manual_seed(0)
+    digit = torch.zeros(1, 1, 44, 44)  # the last map 8×8, its windows 16 pixels wide, 4 apart
+    digit[..., 16:24, 16:20] = 1.0
+    moved = digit.roll((4, 4), dims=(2, 3))
+    pooled, flat = ConvNet(global_pool=True, in_shape=(1, 44, 44)), ConvNet(in_shape=(1, 44, 44))
+    assert pooled.hidden[0].in_features == 16 and flat.hidden[0].in_features == 16 * 8 * 8
+    assert torch.equal(pooled.features(digit), pooled.features(moved))
+    assert not torch.equal(flat.features(digit), flat.features(moved))
+    with pytest.raises(DigitsError, match="global_pool='yes'"):
+        ConvNet(global_pool="yes")

@@ -55,6 +55,7 @@ def dense_stack(
     dropout: float = 0.0,
 ) -> nn.Sequential:
     """Linear → [BatchNorm] → activation → [Dropout] for each width; the classifier is not included."""
+    require(isinstance(batch_norm, bool), "batch_norm", batch_norm, "true or false")
     layers: list[nn.Module] = []
     for width in widths:
         layers.append(nn.Linear(in_features, width))
@@ -97,7 +98,8 @@ class ConvNet(nn.Module):
     `channels` lists the blocks, each a list of conv widths followed by a 2×2 max-pool:
     LeNet-5 is `[[6], [16]]`, the Keras example CNN `[[32, 64]]`. `kernel_size` is one size for
     every conv or one per conv; `conv_dropout` is applied after each block's pool (one value for
-    all blocks or one per block); `dropout` after each hidden dense layer.
+    all blocks or one per block); `dropout` after each hidden dense layer. `global_pool` takes each channel's
+    maximum over the last feature map instead of flattening it: a shifted digit gives the same features.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class ConvNet(nn.Module):
         conv_dropout: FloatOrFloats = 0.0,
         dropout: float = 0.0,
         padding: int = 0,
+        global_pool: bool = False,
         in_shape: Sequence[int] = (1, 28, 28),
         num_classes: int = 10,
     ) -> None:
@@ -125,6 +128,7 @@ class ConvNet(nn.Module):
         widths = _check_widths("hidden_size", hidden_size)
         act = _check_activation(activation)
         _check_fits(in_shape[1:], blocks, kernels, padding, kernel_size)
+        require(isinstance(global_pool, bool), "global_pool", global_pool, "true or false")
 
         layers: list[nn.Module] = []
         in_channels, k = in_shape[0], iter(kernels)
@@ -138,6 +142,8 @@ class ConvNet(nn.Module):
             layers.append(nn.MaxPool2d(2))
             if p:
                 layers.append(nn.Dropout(p))
+        if global_pool:
+            layers.append(nn.AdaptiveMaxPool2d(1))
         layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
         with torch.no_grad():
