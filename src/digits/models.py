@@ -99,7 +99,8 @@ class ConvNet(nn.Module):
     LeNet-5 is `[[6], [16]]`, the Keras example CNN `[[32, 64]]`. `kernel_size` is one size for
     every conv or one per conv; `conv_dropout` is applied after each block's pool (one value for
     all blocks or one per block); `dropout` after each hidden dense layer. `global_pool` takes each channel's
-    maximum over the last feature map instead of flattening it: a shifted digit gives the same features.
+    maximum over the last feature map instead of flattening it: a digit moved by the pools' whole stride
+    gives the same features, away from the image's edges.
     """
 
     def __init__(
