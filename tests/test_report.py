@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_real_png, read_events, train_command
-from digits.report import KEPT, verdict
+from digits.report import KEPT, natural, verdict
 
 
 def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_dir):
@@ -77,6 +77,9 @@ def test_report_of_two_models_by_two_weight_decays_by_two_seeds(tmp_path, data_d
     images = read_events(out).Tags()["images"]
     assert {"errorbars/optimizer.weight_decay", "errorbars/experiment"} <= set(images)
     assert sum(tag.startswith("curves/") for tag in images) == 8
+    curve = next(tag for tag in images if tag.startswith("curves/"))  # TensorBoard holds the PNG itself
+    png = (out / f"{curve.replace('/', '_')}.png").read_bytes()
+    assert read_events(out).Images(curve)[-1].encoded_image_string == png
 
     # a run removed since: the next report drops its figure, and only what the last report wrote
     (gone,) = [run for run in runs if run.name.endswith("_7")]
@@ -134,3 +137,10 @@ def test_verdict_compares_the_mean_with_the_labs_and_the_bar():
     assert verdict(99.6, None, 99.6) == "✓ bar ≥ 99.6%"
     assert verdict(92.6, 92.6, None) == "✗ labs 92.6%"  # a tie does not beat the labs
     assert verdict(97.0, None, None) == ""
+
+
+def test_runs_are_listed_with_their_numbers_in_order():
+    """A hundred seeds or jobs read 0, 1, 2, …, 10, not 0, 1, 10, 11, …, 2."""
+    names = ["seed10_mlp/t_p7_10", "seed2_mlp/t_p7_2", "seed1_mlp/t_p7_1", "seed2_mlp/t_p7_12", "seed2_mlp/t_p7_3"]
+    ordered = ["seed1_mlp/t_p7_1", "seed2_mlp/t_p7_2", "seed2_mlp/t_p7_3", "seed2_mlp/t_p7_12", "seed10_mlp/t_p7_10"]
+    assert sorted(map(Path, names), key=natural) == list(map(Path, ordered))

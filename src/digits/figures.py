@@ -4,9 +4,12 @@ Figures are made as `matplotlib.figure.Figure` objects, not through pyplot: no G
 needed, and importing digits changes nothing in a user's own matplotlib session.
 """
 
+import io
+import struct
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
@@ -14,6 +17,9 @@ from matplotlib.figure import Figure
 # TensorBoard's image cards show a figure 215 px high at their default size: figures for them are drawn that
 # high at 100 dpi, so their text is not scaled down (PNG files are written at a higher dpi from the same figure)
 CARD_INCHES = (4.4, 2.15)
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 def confusion_matrix(counts: torch.Tensor, class_names: Sequence[str], normalize: bool = False) -> Figure:
@@ -103,8 +109,12 @@ def save_figures(
     paths = []
     for tag, fig in figures:
         paths.append(out_dir / f"{tag.replace('/', '_')}.png")
-        fig.savefig(paths[-1], dpi=dpi)
-        if writer:
+        png = io.BytesIO()
+        fig.savefig(png, dpi=dpi, format="png")
+        paths[-1].write_bytes(png.getvalue())
+        if writer and dpi == fig.dpi:  # the PNG is what TensorBoard would draw: handed over, not drawn again
+            add_png(writer, tag, png.getvalue())
+        elif writer:
             writer.add_figure(tag, fig, close=False)
         if pyplot := sys.modules.get("matplotlib.pyplot"):  # Optuna's plots are made through pyplot: let go of them
             pyplot.close(fig)
@@ -113,3 +123,12 @@ def save_figures(
             writer.add_scalar(tag, value)
         writer.close()
     return paths
+
+
+def add_png(writer: "SummaryWriter", tag: str, png: bytes) -> None:
+    """A PNG file's bytes as a TensorBoard image, as they are (`add_image` would decode and encode them again)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR: width, height
+    image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]))
