@@ -353,6 +353,13 @@ def test_the_table_shows_each_input_on_one_line(trained, digits_on_disk, tmp_pat
     assert [Image.open(p).size for p in (tmp_path / "seen").iterdir()] == [(28, 28)]
     _, row = done.stdout.strip().split("\n")  # the header and one row
     assert row.startswith(f"{tmp_path}/two\\nlines \\x1b[31mred{'x' * 230}.png ") and "\x1b" not in done.stdout
+    # a list that can hold such a name: `find -print0`'s, each path ended by a NUL
+    listing = tmp_path / "list0"
+    with open(listing, "wb") as out:
+        subprocess.run(["find", str(tmp_path), "-name", "*.png", "-print0"], stdout=out, check=True)
+    by_list = run_script("predict.py", f"ckpt_path={ckpt}", f"inputs_from={listing}", "--json", log_dir=log_dir)
+    assert by_list.returncode == 0, by_list.stderr[-2000:]
+    assert sorted(r["input"] for r in json.loads(by_list.stdout)) == sorted(map(str, tmp_path.rglob("*.png")))
 
 
 @pytest.mark.parametrize(
@@ -361,7 +368,11 @@ def test_the_table_shows_each_input_on_one_line(trained, digits_on_disk, tmp_pat
         ("low_confidence=2", "low_confidence=2 is not allowed; expected a probability in [0, 1]"),
         ("low_confidence=high", "low_confidence='high' is not allowed; expected a probability in [0, 1]"),
         ("format=xml", "format='xml' is not allowed; expected table or json"),
-        ("inputs_from=d1.png", "inputs_from='d1.png' is not allowed; expected a text file of paths, one per line"),
+        (
+            "inputs_from=d1.png",
+            "inputs_from='d1.png' is not allowed; expected a text file of paths, one per line or each ended by a "
+            "NUL byte",
+        ),
     ],
 )
 def test_a_bad_predict_option_is_one_line(trained, digits_on_disk, option, message):

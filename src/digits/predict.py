@@ -186,7 +186,8 @@ def class_of(folder: str, class_names: list[str]) -> int | None:
 
 
 def input_entries(cfg: DictConfig) -> list[str]:
-    """`inputs` (one path, or a list) and the lines of `inputs_from` (a file, or `-` for stdin)."""
+    """`inputs` (one path, or a list) and the paths `inputs_from` lists (a file, or `-` for stdin): one per line,
+    or each ended by a NUL byte (`find -print0`), for names that hold a newline."""
     given = cfg.get("inputs") or []
     entries = [given] if isinstance(given, str) else [str(e) for e in given]
     source = cfg.get("inputs_from")
@@ -195,10 +196,18 @@ def input_entries(cfg: DictConfig) -> list[str]:
             data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
         except OSError as err:
             raise DigitsError(f"inputs_from={source!r}: {err.strerror}") from None
-        if b"\0" in data:  # no path holds a NUL byte: this is an image or another binary file
-            raise DigitsError(f"inputs_from={source!r} is not allowed; expected a text file of paths, one per line")
-        text = os.fsdecode(data)  # names in any bytes, as the file system has them
-        entries += [line.strip() for line in text.splitlines() if line.strip()]
+        if b"\0" in data:
+            names = data.split(b"\0")
+            # `-print0` ends every name with a NUL and never gives an empty one; an image or another binary file
+            # has runs of NULs, or does not end in one
+            if names[-1] or not all(names[:-1]):
+                raise DigitsError(
+                    f"inputs_from={source!r} is not allowed; expected a text file of paths, one per line or each "
+                    "ended by a NUL byte"
+                )
+            entries += [os.fsdecode(name) for name in names[:-1]]  # names in any bytes, as the file system has them
+        else:
+            entries += [line.strip() for line in os.fsdecode(data).splitlines() if line.strip()]
     return entries
 
 
