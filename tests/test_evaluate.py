@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT, assert_real_png, read_events, run_train
 from digits.data import shipped
 from digits.errors import DigitsError
 from digits.images import MAX_BYTES, MAX_FRAMES, frame, model_view
+from digits.predict import input_entries
 from digits.robustness import CORRUPTIONS, photographed
 
 
@@ -360,6 +362,28 @@ def test_the_table_shows_each_input_on_one_line(trained, digits_on_disk, tmp_pat
     by_list = run_script("predict.py", f"ckpt_path={ckpt}", f"inputs_from={listing}", "--json", log_dir=log_dir)
     assert by_list.returncode == 0, by_list.stderr[-2000:]
     assert sorted(r["input"] for r in json.loads(by_list.stdout)) == sorted(map(str, tmp_path.rglob("*.png")))
+
+
+def test_a_list_of_inputs_is_lines_or_nul_ended_names_and_nothing_else(tmp_path):
+    """Lines are stripped; `find -print0`'s names are taken exactly; an image, or a list saved as UTF-16 (with or
+    without its byte-order mark), is refused rather than read as names."""
+    Image.new("L", (28, 28)).save(tmp_path / "image.png")
+    image = (tmp_path / "image.png").read_bytes()
+    lists = {
+        b"a.png\n  b c.png \n\n": ["a.png", "b c.png"],
+        b"a.png\0 b c.png \0two\nlines.png\0": ["a.png", " b c.png ", "two\nlines.png"],
+        "a.png\r\nb.png\r\n".encode("utf-16"): None,
+        "a.png\nb.png\n".encode("utf-16-le"): None,
+        image: None,
+    }
+    for data, names in lists.items():
+        (tmp_path / "list").write_bytes(data)
+        cfg = OmegaConf.create({"inputs_from": str(tmp_path / "list")})
+        if names is None:
+            with pytest.raises(DigitsError, match="expected a text file of paths"):
+                input_entries(cfg)
+        else:
+            assert input_entries(cfg) == names
 
 
 @pytest.mark.parametrize(
