@@ -365,12 +365,13 @@ def test_the_table_shows_each_input_on_one_line(trained, digits_on_disk, tmp_pat
 
 
 def test_a_list_of_inputs_is_lines_or_nul_ended_names_and_nothing_else(tmp_path):
-    """Lines are stripped; `find -print0`'s names are taken exactly; an image, or a list saved as UTF-16 (with or
-    without its byte-order mark), is refused rather than read as names."""
+    """Lines are stripped (and a UTF-8 byte-order mark dropped); `find -print0`'s names are taken exactly; an image,
+    or a list saved as UTF-16 (with or without its byte-order mark), is refused rather than read as names."""
     Image.new("L", (28, 28)).save(tmp_path / "image.png")
     image = (tmp_path / "image.png").read_bytes()
     lists = {
         b"a.png\n  b c.png \n\n": ["a.png", "b c.png"],
+        "\ufeffa.png\r\nb.png\r\n".encode(): ["a.png", "b.png"],  # as Notepad saves UTF-8
         b"a.png\0 b c.png \0two\nlines.png\0": ["a.png", " b c.png ", "two\nlines.png"],
         "a.png\r\nb.png\r\n".encode("utf-16"): None,
         "a.png\nb.png\n".encode("utf-16-le"): None,

@@ -196,6 +196,7 @@ def input_entries(cfg: DictConfig) -> list[str]:
             data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
         except OSError as err:
             raise DigitsError(f"inputs_from={source!r}: {err.strerror}") from None
+        data = data.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark Windows editors put before UTF-8 text
         if b"\0" in data:
             names = data.split(b"\0")
             # `-print0` ends every name with a NUL and never gives a blank one; an image or another binary file
