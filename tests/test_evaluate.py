@@ -373,18 +373,18 @@ def test_a_list_of_inputs_is_lines_or_nul_ended_names_and_nothing_else(tmp_path)
         b"a.png\n  b c.png \n\n": ["a.png", "b c.png"],
         "\ufeffa.png\r\nb.png\r\n".encode(): ["a.png", "b.png"],  # as Notepad saves UTF-8
         b"a.png\0 b c.png \0two\nlines.png\0": ["a.png", " b c.png ", "two\nlines.png"],
-        "a.png\r\nb.png\r\n".encode("utf-16"): None,
-        "a.png\nb.png\n".encode("utf-16-le"): None,
-        image: None,
+        "a.png\r\nb.png\r\n".encode("utf-16"): "is UTF-16 text; expected UTF-8",
+        "a.png\nb.png\n".encode("utf-16-le"): "expected a text file of paths",
+        image: "expected a text file of paths",
     }
-    for data, names in lists.items():
+    for data, expected in lists.items():
         (tmp_path / "list").write_bytes(data)
         cfg = OmegaConf.create({"inputs_from": str(tmp_path / "list")})
-        if names is None:
-            with pytest.raises(DigitsError, match="expected a text file of paths"):
+        if isinstance(expected, str):
+            with pytest.raises(DigitsError, match=expected):
                 input_entries(cfg)
         else:
-            assert input_entries(cfg) == names
+            assert input_entries(cfg) == expected
 
 
 @pytest.mark.parametrize(

@@ -197,13 +197,13 @@ def input_entries(cfg: DictConfig) -> list[str]:
         except OSError as err:
             raise DigitsError(f"inputs_from={source!r}: {err.strerror}") from None
         data = data.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark Windows editors put before UTF-8 text
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Notepad's "Unicode": a NUL in every ASCII character
+            raise DigitsError(f"inputs_from={source!r} is UTF-16 text; expected UTF-8 (save it as UTF-8)")
         if b"\0" in data:
             names = data.split(b"\0")
             # `-print0` ends every name with a NUL and never gives a blank one; an image or another binary file
-            # has runs of NULs, or does not end in one, and UTF-16 text (Notepad's "Unicode") has a NUL in every
-            # character, its line breaks among them
-            utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))
-            if utf16 or names[-1] or not all(name.strip() for name in names[:-1]):
+            # has runs of NULs, or does not end in one, and UTF-16 text has its line breaks among its names
+            if names[-1] or not all(name.strip() for name in names[:-1]):
                 raise DigitsError(
                     f"inputs_from={source!r} is not allowed; expected a text file of paths, one per line or each "
                     "ended by a NUL byte"
