@@ -122,10 +122,8 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path, data_dir):
         try:
             if db.exists() and states(load_study(log_dir)).get("COMPLETE", 0) >= 2:
                 break
-        except (KeyError, sqlalchemy.exc.OperationalError):  # the sweep has not created its study (or tables) yet
-            pass
-        except sqlalchemy.exc.IntegrityError:  # this watcher and the sweep stamped the new tables' version at once
-            pass
+        except (KeyError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            pass  # no study (or tables) yet, or this watcher and the sweep stamped the tables' version at once
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

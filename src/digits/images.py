@@ -73,7 +73,7 @@ def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
     for entry in entries:
         path = Path(entry).expanduser()
         if path.is_dir():
-            found = (Path(folder, name) for folder in folders_below(str(path)) for name in os.listdir(folder))
+            found = (Path(folder, name) for folder, files in folders_below(str(path)) for name in files)
             images = (p for p in found if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
             yield from sorted(p for p in images if p.is_file())
         elif not path.exists() and any(c in entry for c in "*?["):
@@ -82,12 +82,13 @@ def find_inputs(entries: Iterable[str]) -> Iterator[Path]:
             yield path
 
 
-def folders_below(top: str) -> Iterator[str]:
-    """`top` and the folders below it, hidden ones left out, symlinked ones followed, each real folder once.
+def folders_below(top: str) -> Iterator[tuple[str, list[str]]]:
+    """`top` and the folders below it, each with the names in it that are not folders; hidden folders left out,
+    symlinked ones followed, each real folder once.
     Ours, not `glob`'s `**`: that walks into a link back up the tree (`loop -> ..`) again on every pass, and
     through two such links its paths multiply until memory runs out."""
     seen = {os.path.realpath(top)}
-    for here, dirs, _ in os.walk(top, followlinks=True):
+    for here, dirs, files in os.walk(top, followlinks=True):
         kept = []
         for name in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(here, d)), d)):  # real names first
             real = os.path.realpath(os.path.join(here, name))
@@ -95,7 +96,7 @@ def folders_below(top: str) -> Iterator[str]:
                 seen.add(real)
                 kept.append(name)
         dirs[:] = sorted(kept)
-        yield here
+        yield here, files
 
 
 def expand(pattern: str) -> Iterator[str]:
@@ -107,7 +108,7 @@ def expand(pattern: str) -> Iterator[str]:
     at = parts.index("**")
     rest = parts[at + 1 :] or ("*",)
     for head in glob.glob(os.path.join(*parts[:at])) if at else [os.curdir]:
-        for folder in folders_below(head):
+        for folder, _ in folders_below(head):
             yield from expand(os.path.join(glob.escape(folder), *rest))
 
 

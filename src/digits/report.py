@@ -129,6 +129,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMN
     return "\n".join(lines) + "\n"
 
 
+@functools.cache
 def overrides_of(run: Path) -> dict[str, str]:
     lines = yaml.load((run / ".hydra" / "overrides.yaml").read_text(), Loader=YAML_LOADER) or []
     return dict(str(line).split("=", 1) for line in lines if "=" in str(line))
